@@ -1,0 +1,1 @@
+"""Thin wrappers over Linux system calls and /proc that the backends share."""

@@ -1,0 +1,48 @@
+"""Find and kill host processes by session, reading /proc directly."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """Fields of /proc/PID/stat after the command name (state is index 0)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def session_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[3])
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids whose session id is `sid` (field 6 of /proc/PID/stat)."""
+    members: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is not None and int(fields[3]) == sid:
+            members.append(int(entry))
+    return members
+
+
+def kill_session(sid: int) -> int:
+    """SIGKILL every process in session `sid`; returns how many were signalled.
+
+    Children inherit the session even when re-parented, so this reaches a
+    command's whole tree unless a member called setsid() itself.
+    """
+    count = 0
+    for pid in session_members(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            count += 1
+        except ProcessLookupError:
+            pass
+    return count

@@ -1,0 +1,512 @@
+"""The `oci` backend: sandboxes run by an OCI runtime CLI (crun, runc, runsc) directly.
+
+Each sandbox is a directory under `<state>/sandboxes/<id>` holding its bundle,
+a size-limited tmpfs scratch (its /tmp, $HOME and workdir) and `meta.json`;
+its idle main process is catatonit, and commands run through `<runtime> exec`.
+Nothing lives in this Python process, so any process can drive a sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from corral._sys import cgroups, mounts, procs
+from corral.backends.base import (
+    Backend,
+    BackendStatus,
+    Capability,
+    ExecEvent,
+    ExecRequest,
+    ExitStatus,
+    Output,
+    SandboxConfig,
+    SandboxStats,
+)
+from corral.backends.oci.bundle import UID_BASE, make_config, process_spec
+from corral.backends.oci.runtimes import RUNTIMES, OciRuntime, get_runtime
+from corral.errors import (
+    BackendUnavailableError,
+    ExecError,
+    NotFoundError,
+    SandboxStartError,
+    UnsupportedError,
+)
+
+CONTAINER_PREFIX = "corral-"
+CGROUP_PARENT = "/corral"
+_CHUNK = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    runtime: str
+    cgroup: str
+    container: str
+    user_namespace: bool
+    uid: int
+    gid: int
+    workdir: str
+    env: dict[str, str]
+
+
+class OciBackend(Backend):
+    """Drive crun (default), runc or runsc (gVisor) directly; see the module docstring."""
+
+    name: ClassVar[str] = "oci"
+    capabilities = frozenset({Capability.PAUSE, Capability.CPUSET, Capability.USER_NAMESPACE})
+
+    def __init__(self, state_dir: Path, *, runtime: str = "crun") -> None:
+        self.state_dir = Path(state_dir)
+        self.default_runtime = get_runtime(runtime).name
+        self.sandboxes_dir = self.state_dir / "sandboxes"
+        self.run_dir = self.state_dir / "run"
+        self.support_dir = self.state_dir / "support"
+
+    # -- paths and records -------------------------------------------------
+
+    def _dir(self, sandbox_id: str) -> Path:
+        if "/" in sandbox_id or sandbox_id in ("", ".", ".."):
+            raise NotFoundError(f"no sandbox '{sandbox_id}'", backend=self.name)
+        return self.sandboxes_dir / sandbox_id
+
+    def _root(self, runtime: OciRuntime) -> Path:
+        return self.run_dir / runtime.name
+
+    def _meta(self, sandbox_id: str) -> _Meta:
+        try:
+            data = json.loads((self._dir(sandbox_id) / "meta.json").read_text())
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"no sandbox '{sandbox_id}'",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                hint="list sandboxes with `corral ls`",
+            ) from None
+        return _Meta(**data)
+
+    def _ensure_support(self) -> str:
+        """The read-only dir bound at /.corral: the idle init (catatonit)."""
+        init = self.support_dir / "init"
+        if not init.exists():
+            source = shutil.which("catatonit") or "/usr/libexec/podman/catatonit"
+            if not os.path.exists(source):
+                raise BackendUnavailableError(
+                    "catatonit (the sandbox init) is not installed",
+                    backend=self.name,
+                    hint="apt-get install catatonit (or run `corral host prepare`)",
+                )
+            self.support_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.support_dir / f".init-{uuid.uuid4().hex}"
+            shutil.copy2(source, tmp)
+            tmp.chmod(0o755)
+            tmp.rename(init)
+        return str(self.support_dir)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def create(self, config: SandboxConfig) -> None:
+        runtime = get_runtime(config.runtime or self.default_runtime)
+        runtime.binary()
+        if config.network != "none":
+            raise UnsupportedError(
+                f"network '{config.network}' is not available on the oci backend",
+                sandbox_id=config.sandbox_id,
+                backend=self.name,
+                hint="use network='none', or the podman backend for egress",
+            )
+        sandbox_dir = self._dir(config.sandbox_id)
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            sandbox_dir.mkdir()
+        except FileExistsError:
+            raise SandboxStartError(
+                f"sandbox '{config.sandbox_id}' already exists",
+                sandbox_id=config.sandbox_id,
+                backend=self.name,
+            ) from None
+        try:
+            await self._create(config, runtime, sandbox_dir)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.destroy(config.sandbox_id))
+            raise
+
+    async def _create(self, config: SandboxConfig, runtime: OciRuntime, sandbox_dir: Path) -> None:
+        image = config.image
+        userns = runtime.user_namespace
+        host_uid = image.uid + (UID_BASE if userns else 0)
+        host_gid = image.gid + (UID_BASE if userns else 0)
+        scratch = sandbox_dir / "scratch"
+        scratch.mkdir()
+        mounts.mount_tmpfs(scratch, size=config.limits.disk)
+        for sub, mode in (("tmp", 0o1777), ("home", 0o755), ("work", 0o755)):
+            path = scratch / sub
+            path.mkdir()
+            os.chown(path, host_uid, host_gid)
+            path.chmod(mode)
+        container = CONTAINER_PREFIX + config.sandbox_id
+        cgroup = f"{CGROUP_PARENT}/{config.sandbox_id}"
+        spec = make_config(
+            config,
+            scratch=str(scratch),
+            support_dir=self._ensure_support(),
+            cgroup_path=cgroup,
+            user_namespace=userns,
+        )
+        bundle = sandbox_dir / "bundle"
+        bundle.mkdir()
+        (bundle / "config.json").write_text(json.dumps(spec))
+        meta = _Meta(
+            runtime=runtime.name,
+            cgroup=cgroup,
+            container=container,
+            user_namespace=userns,
+            uid=image.uid,
+            gid=image.gid,
+            workdir=image.workdir,
+            env=_env_dict(spec["process"]["env"]),
+        )
+        (sandbox_dir / "meta.json").write_text(json.dumps(dataclasses.asdict(meta)))
+        self._root(runtime).mkdir(parents=True, exist_ok=True)
+        log = sandbox_dir / "runtime.log"
+        with open(log, "wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *runtime.command(
+                    self._root(runtime), "run", "--detach", "--bundle", str(bundle), container
+                ),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log_file,
+                start_new_session=True,
+            )
+            rc = await proc.wait()
+        if rc != 0:
+            raise SandboxStartError(
+                f"{runtime.name} could not start the sandbox (exit {rc})",
+                sandbox_id=config.sandbox_id,
+                backend=self.name,
+                stderr_tail=_tail(log),
+                hint="run `corral doctor` to check the host",
+            )
+
+    async def destroy(self, sandbox_id: str) -> None:
+        sandbox_dir = self._dir(sandbox_id)
+        try:
+            meta: _Meta | None = self._meta(sandbox_id)
+        except (NotFoundError, ValueError, TypeError):
+            meta = None
+        container = CONTAINER_PREFIX + sandbox_id
+        runtimes = [get_runtime(meta.runtime)] if meta else list(RUNTIMES.values())
+        for runtime in runtimes:
+            if shutil.which(runtime.name) and self._root(runtime).is_dir():
+                await _run(
+                    runtime.command(self._root(runtime), "delete", runtime.force_flag, container)
+                )
+        cgroup = meta.cgroup if meta else f"{CGROUP_PARENT}/{sandbox_id}"
+        await _release_cgroup(cgroup)
+        for point in mounts.mounts_under(sandbox_dir):
+            mounts.unmount(point)
+        shutil.rmtree(sandbox_dir, ignore_errors=True)
+
+    async def status(self, sandbox_id: str) -> BackendStatus:
+        try:
+            meta = self._meta(sandbox_id)
+        except NotFoundError:
+            return BackendStatus.MISSING
+        runtime = get_runtime(meta.runtime)
+        rc, out, _ = await _run(runtime.command(self._root(runtime), "state", meta.container))
+        if rc != 0:
+            return BackendStatus.STOPPED
+        state = json.loads(out or b"{}").get("status", "stopped")
+        return {
+            "created": BackendStatus.CREATED,
+            "creating": BackendStatus.CREATED,
+            "running": BackendStatus.RUNNING,
+            "paused": BackendStatus.PAUSED,
+        }.get(state, BackendStatus.STOPPED)
+
+    async def list_sandboxes(self) -> list[str]:
+        found: set[str] = set()
+        if self.sandboxes_dir.is_dir():
+            found.update(p.name for p in self.sandboxes_dir.iterdir() if p.is_dir())
+        for runtime in RUNTIMES.values():
+            root = self._root(runtime)
+            if not root.is_dir() or shutil.which(runtime.name) is None:
+                continue
+            rc, out, _ = await _run(runtime.command(root, "list", "--format", "json"))
+            if rc == 0 and out.strip():
+                for entry in json.loads(out) or []:
+                    cid = entry.get("id", "")
+                    if cid.startswith(CONTAINER_PREFIX):
+                        found.add(cid.removeprefix(CONTAINER_PREFIX))
+        found.update(cgroups.children(CGROUP_PARENT))
+        return sorted(found)
+
+    async def stats(self, sandbox_id: str) -> SandboxStats:
+        meta = self._meta(sandbox_id)
+        reading = cgroups.read(meta.cgroup)
+        return SandboxStats(
+            memory_bytes=reading.memory_bytes,
+            memory_limit=reading.memory_limit,
+            cpu_seconds=reading.cpu_seconds,
+            pids=reading.pids,
+            pids_limit=reading.pids_limit,
+            oom_kills=reading.oom_kills,
+        )
+
+    async def pause(self, sandbox_id: str) -> None:
+        await self._simple(sandbox_id, "pause")
+
+    async def resume(self, sandbox_id: str) -> None:
+        await self._simple(sandbox_id, "resume")
+
+    async def _simple(self, sandbox_id: str, verb: str) -> None:
+        meta = self._meta(sandbox_id)
+        runtime = get_runtime(meta.runtime)
+        rc, _, err = await _run(runtime.command(self._root(runtime), verb, meta.container))
+        if rc != 0:
+            raise ExecError(
+                f"{runtime.name} {verb} failed (exit {rc})",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                stderr_tail=err.decode(errors="replace")[-500:],
+            )
+
+    # -- exec ----------------------------------------------------------------
+
+    async def exec_stream(self, sandbox_id: str, request: ExecRequest) -> AsyncIterator[ExecEvent]:
+        meta = self._meta(sandbox_id)
+        if not request.argv:
+            raise ExecError(
+                "no command given",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                hint="pass the command to run, e.g. ['/bin/true']",
+            )
+        runtime = get_runtime(meta.runtime)
+        sandbox_dir = self._dir(sandbox_id)
+        token = uuid.uuid4().hex[:12]
+        process_file = sandbox_dir / f"exec-{token}.json"
+        pid_file = sandbox_dir / f"exec-{token}.pid"
+        process_file.write_text(json.dumps(_process_spec(meta, request)))
+        pid_flag = "--pid-file" if runtime.in_kernel else "--internal-pid-file"
+        argv = ["exec", "--process", str(process_file), pid_flag, str(pid_file)]
+        oom_before = cgroups.oom_kills(meta.cgroup)
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            *runtime.command(self._root(runtime), *argv, meta.container),
+            stdin=asyncio.subprocess.PIPE
+            if request.stdin is not None
+            else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        queue: asyncio.Queue[Output | None] = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(_pump(proc.stdout, "stdout", queue)),
+            asyncio.create_task(_pump(proc.stderr, "stderr", queue)),
+        ]
+        if request.stdin is not None:
+            tasks.append(asyncio.create_task(_feed(proc, request.stdin)))
+        deadline = None if request.timeout is None else started + request.timeout
+        timed_out = False
+        finished = False
+        stderr_tail = b""
+        try:
+            open_streams = 2
+            while open_streams:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    timed_out = True
+                    await self._kill_exec(runtime, meta, proc.pid, pid_file)
+                    deadline = None
+                    continue
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    continue
+                if item is None:
+                    open_streams -= 1
+                    continue
+                if item.stream == "stderr":
+                    stderr_tail = (stderr_tail + item.data)[-2048:]
+                yield item
+            rc = await proc.wait()
+            finished = True
+        finally:
+            if not finished:
+                await self._kill_exec(runtime, meta, proc.pid, pid_file)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+            for task in tasks:
+                task.cancel()
+            process_file.unlink(missing_ok=True)
+            pid_file.unlink(missing_ok=True)
+        oom = cgroups.oom_kills(meta.cgroup) > oom_before
+        yield _exit_status(rc, runtime, request, stderr_tail, timed_out, oom, started)
+
+    async def _kill_exec(self, runtime: OciRuntime, meta: _Meta, sid: int, pid_file: Path) -> None:
+        """Kill a command and everything it started (inside or outside gVisor)."""
+        try:
+            command_pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            command_pid = None
+        if runtime.in_kernel:
+            # The runtime puts the command in a session of its own: kill that session.
+            if command_pid is not None:
+                procs.kill_session(procs.session_of(command_pid) or command_pid)
+            procs.kill_session(sid)
+            return
+        if command_pid is None:
+            return
+        root = self._root(runtime)
+        rc, out, _ = await _run(runtime.command(root, "ps", meta.container))
+        tree = {command_pid}
+        if rc == 0:
+            table = _ps_table(out.decode(errors="replace"))
+            grew = True
+            while grew:
+                grew = False
+                for pid, ppid in table:
+                    if ppid in tree and pid not in tree:
+                        tree.add(pid)
+                        grew = True
+        for pid in sorted(tree, reverse=True):
+            await _run(runtime.command(root, "kill", "--pid", str(pid), meta.container, "KILL"))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sid, signal.SIGKILL)
+
+
+def _env_dict(pairs: list[str]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def _ps_table(text: str) -> list[tuple[int, int]]:
+    """(pid, ppid) pairs from `runsc ps` (columns: UID PID PPID C STIME TIME CMD)."""
+    pairs = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 3 and fields[1].isdigit() and fields[2].isdigit():
+            pairs.append((int(fields[1]), int(fields[2])))
+    return pairs
+
+
+def _process_spec(meta: _Meta, request: ExecRequest) -> dict[str, Any]:
+    return process_spec(
+        uid=meta.uid,
+        gid=meta.gid,
+        args=list(request.argv),
+        env={**meta.env, **request.env},
+        cwd=request.cwd or meta.workdir,
+    )
+
+
+def _exit_status(
+    rc: int,
+    runtime: OciRuntime,
+    request: ExecRequest,
+    stderr_tail: bytes,
+    timed_out: bool,
+    oom: bool,
+    started: float,
+) -> ExitStatus:
+    duration = time.monotonic() - started
+    if timed_out:
+        reason = f"timed out after {request.timeout:g}s; killed"
+        return ExitStatus(124, timed_out=True, oom_killed=oom, duration=duration, reason=reason)
+    if oom and rc in (137, -9):
+        return ExitStatus(
+            137,
+            oom_killed=True,
+            duration=duration,
+            reason="killed: out of memory (the sandbox's memory limit)",
+        )
+    if rc < 0:
+        rc = 128 - rc
+    text = stderr_tail.decode(errors="replace")
+    if rc in (127, 128, 255) and runtime.missing_command.search(text):
+        return ExitStatus(127, duration=duration, reason=f"command not found: {request.argv[0]}")
+    if rc == 137:
+        return ExitStatus(137, oom_killed=oom, duration=duration, reason="killed by SIGKILL")
+    if rc > 128:
+        name = _signal_name(rc - 128)
+        return ExitStatus(rc, duration=duration, reason=f"killed by {name}")
+    return ExitStatus(rc, oom_killed=oom, duration=duration)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+async def _pump(
+    stream: asyncio.StreamReader | None, name: str, queue: asyncio.Queue[Output | None]
+) -> None:
+    assert stream is not None
+    try:
+        while chunk := await stream.read(_CHUNK):
+            await queue.put(Output(name, chunk))  # type: ignore[arg-type]
+    finally:
+        await queue.put(None)
+
+
+async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        proc.stdin.close()
+
+
+async def _run(argv: list[str]) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out, err
+
+
+async def _release_cgroup(cgroup: str) -> None:
+    """Kill whatever still runs in the cgroup, then remove it (retrying while it drains)."""
+    for _attempt in range(50):
+        dirs = cgroups.cgroup_dirs(cgroup)
+        if not dirs:
+            return
+        for directory in dirs:
+            if directory.parent.parent.name == "freezer" or (directory / "freezer.state").exists():
+                with contextlib.suppress(OSError):
+                    (directory / "freezer.state").write_text("THAWED")
+            for name in ("cgroup.procs", "tasks"):
+                with contextlib.suppress(OSError):
+                    for pid in (directory / name).read_text().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+        if not cgroups.remove(cgroup):
+            return
+        await asyncio.sleep(0.02)
+
+
+def _tail(path: Path, limit: int = 1000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return ""

@@ -1,0 +1,86 @@
+"""What every CLI command shares: settings, the manager, error reporting, JSON output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import typer
+
+from corral.config import Settings
+from corral.errors import CorralError, UserError
+
+if TYPE_CHECKING:
+    from corral.runtime.manager import SandboxManager
+
+T = TypeVar("T")
+
+
+@dataclass
+class CliState:
+    state_dir: str | None = None
+    backend: str | None = None
+    runtime: str | None = None
+
+    def settings(self) -> Settings:
+        return Settings.load(state_dir=self.state_dir, backend=self.backend, runtime=self.runtime)
+
+    def manager(self) -> SandboxManager:
+        from corral.backends.registry import load_backend
+        from corral.images import ImageStore
+        from corral.runtime.manager import SandboxManager
+        from corral.store import Store
+
+        settings = self.settings()
+        return SandboxManager(
+            load_backend(settings),
+            Store.for_state_dir(settings.state_dir),
+            ImageStore(settings.state_dir / "images"),
+            max_file_bytes=settings.max_file_bytes,
+            default_runtime=settings.oci.runtime if settings.backend == "oci" else None,
+        )
+
+
+STATE = CliState()
+
+
+def fail(error: CorralError, *, code: int = 1) -> NoReturn:
+    kind = "error" if isinstance(error, UserError) else "host error"
+    sys.stderr.write(f"corral: {kind}: {error}\n")
+    raise typer.Exit(code)
+
+
+def run_async(coro: Coroutine[Any, Any, T], *, error_code: int = 1) -> T:
+    """Run `coro`; Corral errors become a message on stderr and exit `error_code`."""
+    try:
+        return asyncio.run(coro)
+    except CorralError as error:
+        fail(error, code=error_code)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(UserError(f"--env '{pair}' is not NAME=VALUE", hint="e.g. --env RUST_LOG=debug"))
+        env[key] = value
+    return env
+
+
+def parse_labels(pairs: list[str] | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(UserError(f"--label '{pair}' is not KEY=VALUE", hint="e.g. --label team=infra"))
+        labels[key] = value
+    return labels

@@ -1,0 +1,295 @@
+"""`corral`: run, create and drive sandboxes; build images; check and prepare the host."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from corral.cli import host_cmds, images_cmds
+from corral.cli._common import STATE, fail, parse_env, parse_labels, print_json, run_async
+from corral.errors import UserError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from corral.backends.base import ExecEvent
+
+app = typer.Typer(
+    name="corral",
+    help="Sandboxes for untrusted code: OCI runtimes, gVisor and microVMs from one template.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(images_cmds.app, name="images")
+app.add_typer(host_cmds.app, name="host")
+app.command("doctor")(host_cmds.doctor)
+
+CORRAL_FAILED = 125  # `run`/`exec`: Corral itself failed (the command's codes pass through)
+
+TemplateOpt = Annotated[str, typer.Option("--template", "-t", help="Built-in name or .toml path.")]
+MemoryOpt = Annotated[Optional[str], typer.Option(help="Memory limit, e.g. 512M.")]  # noqa: UP045
+CpusOpt = Annotated[Optional[float], typer.Option(help="vCPUs (CPU quota), e.g. 0.5.")]  # noqa: UP045
+PidsOpt = Annotated[Optional[int], typer.Option(help="Maximum number of processes.")]  # noqa: UP045
+DiskOpt = Annotated[Optional[str], typer.Option(help="Scratch size, e.g. 256M.")]  # noqa: UP045
+EnvOpt = Annotated[Optional[list[str]], typer.Option("--env", "-e", help="NAME=VALUE.")]  # noqa: UP045
+LabelOpt = Annotated[Optional[list[str]], typer.Option("--label", "-l", help="KEY=VALUE.")]  # noqa: UP045
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@app.callback()
+def _global(
+    state_dir: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="CORRAL_STATE_DIR", help="State directory (default /var/lib/corral)."),
+    ] = None,
+    backend: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="CORRAL_BACKEND", help="Backend override (oci, fake, ...)."),
+    ] = None,
+    runtime: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="CORRAL_RUNTIME", help="OCI runtime: crun, runc or runsc."),
+    ] = None,
+) -> None:
+    STATE.state_dir, STATE.backend, STATE.runtime = state_dir, backend, runtime
+
+
+async def _stream(events: AsyncIterator[ExecEvent]) -> int:
+    from corral.backends.base import Output
+
+    async for event in events:
+        if isinstance(event, Output):
+            target = sys.stdout.buffer if event.stream == "stdout" else sys.stderr.buffer
+            target.write(event.data)
+            target.flush()
+        else:
+            if event.reason:
+                sys.stderr.write(f"corral: {event.reason}\n")
+            return event.exit_code
+    return CORRAL_FAILED
+
+
+def _split_put(spec: str) -> tuple[Path, str]:
+    local, sep, remote = spec.rpartition(":")
+    if not sep or not local or not remote.startswith("/"):
+        fail(
+            UserError(
+                f"--put '{spec}' is not LOCAL:/sandbox/path",
+                hint="e.g. --put main.rs:/work/main.rs",
+            )
+        )
+    return Path(local), remote
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    command: Annotated[list[str], typer.Argument(help="Command to run (after --).")],
+    template: TemplateOpt = "default",
+    memory: MemoryOpt = None,
+    cpus: CpusOpt = None,
+    pids: PidsOpt = None,
+    disk: DiskOpt = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds before the command is killed (exit 124).")
+    ] = None,
+    env: EnvOpt = None,
+    workdir: Annotated[Optional[str], typer.Option(help="Working directory inside.")] = None,  # noqa: UP045
+    put: Annotated[
+        list[str] | None, typer.Option(help="Copy LOCAL:/path in before running.")
+    ] = None,
+    label: LabelOpt = None,
+) -> None:
+    """Run COMMAND in a fresh sandbox, stream its output, destroy it, exit with its status."""
+    env_map, labels = parse_env(env), parse_labels(label)
+    files = [_split_put(spec) for spec in put or []]
+
+    async def go() -> int:
+        manager = STATE.manager()
+        record = await manager.create(
+            template, memory=memory, cpus=cpus, pids=pids, disk=disk, timeout=timeout, labels=labels
+        )
+        try:
+            for local, remote in files:
+                await manager.put_file(record.id, remote, local.read_bytes())
+            events = manager.exec_stream(
+                record.id, command, env=env_map, cwd=workdir, timeout=timeout
+            )
+            return await _stream(events)
+        finally:
+            await manager.destroy(record.id)
+
+    raise typer.Exit(run_async(go(), error_code=CORRAL_FAILED))
+
+
+@app.command()
+def create(
+    template: TemplateOpt = "default",
+    memory: MemoryOpt = None,
+    cpus: CpusOpt = None,
+    pids: PidsOpt = None,
+    disk: DiskOpt = None,
+    cpuset: Annotated[Optional[str], typer.Option(help="Pin to CPUs, e.g. 0-1.")] = None,  # noqa: UP045
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds until reaped.")] = None,  # noqa: UP045
+    env: EnvOpt = None,
+    label: LabelOpt = None,
+    name: Annotated[Optional[str], typer.Option(help="A name to use instead of the id.")] = None,  # noqa: UP045
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a sandbox that stays up; prints its id."""
+    record = run_async(
+        STATE.manager().create(
+            template,
+            memory=memory,
+            cpus=cpus,
+            pids=pids,
+            disk=disk,
+            cpuset=cpuset,
+            timeout=timeout,
+            env=parse_env(env),
+            labels=parse_labels(label),
+            name=name,
+            progress=True,
+        )
+    )
+    if json_out:
+        print_json(record.to_json())
+    else:
+        sys.stdout.write(record.id + "\n")
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_(
+    sandbox: Annotated[str, typer.Argument(help="Sandbox id or name.")],
+    command: Annotated[list[str], typer.Argument(help="Command to run (after --).")],
+    env: EnvOpt = None,
+    workdir: Annotated[Optional[str], typer.Option(help="Working directory inside.")] = None,  # noqa: UP045
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds before the command is killed.")
+    ] = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", "-i", help="Pass this process's stdin.")
+    ] = False,
+) -> None:
+    """Run COMMAND in a running sandbox, streaming its output; exit with its status."""
+    data = sys.stdin.buffer.read() if stdin else None
+
+    async def go() -> int:
+        manager = STATE.manager()
+        events = manager.exec_stream(
+            sandbox, command, env=parse_env(env), cwd=workdir, stdin=data, timeout=timeout
+        )
+        return await _stream(events)
+
+    raise typer.Exit(run_async(go(), error_code=CORRAL_FAILED))
+
+
+@app.command()
+def cp(
+    source: Annotated[str, typer.Argument(help="LOCAL or SANDBOX:/path")],
+    dest: Annotated[str, typer.Argument(help="LOCAL or SANDBOX:/path")],
+) -> None:
+    """Copy a file into (LOCAL SANDBOX:/path) or out of (SANDBOX:/path LOCAL) a sandbox."""
+    src_box, _, src_path = source.partition(":") if ":/" in source else ("", "", source)
+    dst_box, _, dst_path = dest.partition(":") if ":/" in dest else ("", "", dest)
+    if bool(src_box) == bool(dst_box):
+        fail(
+            UserError(
+                "exactly one side of cp must be SANDBOX:/path",
+                hint="e.g. corral cp main.rs sb-1234:/work/main.rs",
+            )
+        )
+
+    async def go() -> None:
+        manager = STATE.manager()
+        if dst_box:
+            try:
+                data = Path(src_path).read_bytes()
+            except OSError as exc:
+                fail(UserError(f"cannot read '{src_path}': {exc.strerror}"))
+            await manager.put_file(dst_box, dst_path, data)
+        else:
+            Path(dst_path).write_bytes(await manager.get_file(src_box, src_path))
+
+    run_async(go())
+
+
+@app.command("ls")
+def ls(
+    json_out: JsonOpt = False,
+    label: LabelOpt = None,
+    state: Annotated[Optional[str], typer.Option(help="Only sandboxes in this state.")] = None,  # noqa: UP045
+) -> None:
+    """List sandboxes."""
+    labels = parse_labels(label)
+    first = next(iter(labels.items()), None)
+    records = STATE.manager().list(states=(state,) if state else None, label=first)
+    if json_out:
+        print_json([r.to_json() for r in records])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("ID", "NAME", "TEMPLATE", "BACKEND", "RUNTIME", "STATE", "EXPIRES")
+    import time
+
+    for r in records:
+        expires = "-" if r.expires_at is None else f"{max(0, r.expires_at - time.time()):.0f}s"
+        table.add_row(
+            r.id, r.name or "-", r.template, r.backend, r.runtime or "-", r.state, expires
+        )
+    Console().print(table)
+
+
+@app.command()
+def inspect(sandbox: Annotated[str, typer.Argument()], json_out: JsonOpt = False) -> None:
+    """Show a sandbox's record and, while it runs, its resource use."""
+
+    async def go() -> dict[str, object]:
+        manager = STATE.manager()
+        record = manager.get(sandbox)
+        data: dict[str, object] = record.to_json()
+        if record.state == "running":
+            from dataclasses import asdict
+
+            data["stats"] = asdict(await manager.stats(record.id))
+        return data
+
+    data = run_async(go())
+    if json_out:
+        print_json(data)
+    else:
+        from rich import print_json as rich_json
+
+        rich_json(data=data)
+
+
+@app.command()
+def rm(sandboxes: Annotated[list[str], typer.Argument(help="Sandbox ids or names.")]) -> None:
+    """Destroy sandboxes, releasing everything they hold."""
+
+    async def go() -> None:
+        manager = STATE.manager()
+        for sandbox in sandboxes:
+            await manager.destroy(sandbox)
+            sys.stdout.write(sandbox + "\n")
+
+    run_async(go())
+
+
+@app.command()
+def gc(json_out: JsonOpt = False) -> None:
+    """Reap expired sandboxes and remove what a crash left behind."""
+    report = run_async(STATE.manager().gc())
+    if json_out:
+        print_json(report)
+    else:
+        for kind, ids in report.items():
+            sys.stdout.write(f"{kind}: {', '.join(ids) if ids else '-'}\n")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,68 @@
+"""Typed settings, read in one place from a TOML file and the environment.
+
+Precedence: explicit arguments > environment (CORRAL_*) > config file
+($CORRAL_CONFIG, else /etc/corral/config.toml) > defaults. Tests pass their
+own `environ` mapping instead of touching os.environ.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from corral.errors import UserError
+
+DEFAULT_CONFIG_FILE = Path("/etc/corral/config.toml")
+
+
+class OciSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    runtime: str = "crun"
+
+
+class Settings(BaseModel):
+    """Corral's configuration; each backend owns its own section."""
+
+    model_config = ConfigDict(extra="forbid")
+    state_dir: Path = Path("/var/lib/corral")
+    backend: str = "oci"
+    default_template: str = "default"
+    max_file_bytes: int = Field(default=64 << 20, ge=1)
+    oci: OciSettings = OciSettings()
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        path = Path(env["CORRAL_CONFIG"]) if "CORRAL_CONFIG" in env else DEFAULT_CONFIG_FILE
+        if path.is_file():
+            try:
+                data = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise UserError(f"{path}: not valid TOML ({exc})", hint="fix the file") from None
+        for key, field in (("CORRAL_STATE_DIR", "state_dir"), ("CORRAL_BACKEND", "backend")):
+            if env.get(key):
+                data[field] = env[key]
+        if env.get("CORRAL_RUNTIME"):
+            data.setdefault("oci", {})["runtime"] = env["CORRAL_RUNTIME"]
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key == "runtime":
+                data.setdefault("oci", {})["runtime"] = value
+            else:
+                data[key] = value
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"])
+            raise UserError(
+                f"configuration: '{where}': {error['msg']}",
+                hint=f"fix it in {path} or the CORRAL_* environment variables",
+            ) from None

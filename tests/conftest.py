@@ -1,0 +1,147 @@
+"""Shared fixtures: real backends per runtime, a session image store, and leak checks.
+
+Every sandbox a test creates is tagged and destroyed in a finalizer; after each
+module the leak check asserts nothing is left: sandbox processes, cgroups under
+/corral, mounts and directories under the state dirs the module used.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral._sys import cgroups, mounts
+from corral.backends.base import Backend, HostMount, ImageRef, SandboxConfig, SandboxLimits
+from corral.backends.oci import OciBackend
+from corral.images import ImageStore
+from corral.spec.template import load_template
+
+RUNTIMES = ("crun", "runc", "runsc")
+TEST_LABEL = {"corral.test": "1"}
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the runtime tests need root (CI runs them as root)")
+
+
+def require_binary(name: str) -> None:
+    # In CI every prerequisite is installed: a missing one is a failure, never a skip.
+    if shutil.which(name) is None:
+        pytest.fail(f"{name} is not installed: run `bash .ci/setup` (apt-get install {name})")
+
+
+def traversable_dir(prefix: str) -> Path:
+    """A fresh dir whose ancestors a user-namespaced sandbox root can traverse.
+
+    pytest's tmp dirs sit under a 0700 directory; the runtime, running as the
+    sandbox's mapped root, could not reach a rootfs or scratch inside them.
+    """
+    path = Path(tempfile.mkdtemp(prefix=f"corral-{prefix}-", dir="/var/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_store() -> Iterator[ImageStore]:
+    root = traversable_dir("images")
+    yield ImageStore(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def default_image(image_store: ImageStore) -> Any:
+    return image_store.build(load_template("default"))
+
+
+@dataclass
+class Harness:
+    """A backend under test plus what a test needs to make sandboxes with it."""
+
+    backend: Backend
+    image: ImageRef
+    host_mounts: tuple[HostMount, ...]
+    runtime: str | None = None
+    created: list[str] = field(default_factory=list)
+
+    def config(self, **overrides: Any) -> SandboxConfig:
+        sandbox_id = overrides.pop("sandbox_id", "sb-t" + secrets.token_hex(5))
+        self.created.append(sandbox_id)
+        values: dict[str, Any] = {
+            "sandbox_id": sandbox_id,
+            "image": self.image,
+            "limits": SandboxLimits(memory=256 << 20, pids=128, disk=64 << 20),
+            "mounts": list(self.host_mounts),
+            "labels": TEST_LABEL,
+            "runtime": self.runtime,
+        }
+        values.update(overrides)
+        return SandboxConfig(**values)
+
+    async def sandbox(self, **overrides: Any) -> str:
+        config = self.config(**overrides)
+        await self.backend.create(config)
+        return config.sandbox_id
+
+
+@pytest.fixture(scope="module")
+def state_root() -> Iterator[Path]:
+    """A state dir per module; the leak check runs when the module is done."""
+    root = traversable_dir("state")
+    before = cgroups.children("/corral")
+    inits_before = _sandbox_inits()
+    yield root
+    leaks: list[str] = []
+    new_cgroups = cgroups.children("/corral") - before
+    if new_cgroups:
+        leaks.append(f"cgroups under /corral: {sorted(new_cgroups)}")
+    left_mounts = mounts.mounts_under(root)
+    if left_mounts:
+        leaks.append(f"mounts: {left_mounts}")
+    sandboxes = root / "sandboxes"
+    if sandboxes.is_dir() and any(sandboxes.iterdir()):
+        leaks.append(f"sandbox dirs: {sorted(p.name for p in sandboxes.iterdir())}")
+    new_inits = _sandbox_inits() - inits_before
+    if new_inits:
+        leaks.append(f"sandbox processes: {sorted(new_inits)}")
+    assert not leaks, "leaked after module: " + "; ".join(leaks)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _sandbox_inits() -> set[int]:
+    """Host pids of sandbox main processes (catatonit as /.corral/init) and gVisor sandboxes."""
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith((b"/.corral/init", b"runsc-sandbox", b"runsc-gofer")):
+            found.add(int(entry))
+    return found
+
+
+@pytest.fixture(params=RUNTIMES)
+async def harness(
+    request: pytest.FixtureRequest, state_root: Path, default_image: Any
+) -> AsyncIterator[Harness]:
+    """The oci backend on each real runtime; every sandbox is destroyed afterwards."""
+    require_root()
+    runtime = request.param
+    require_binary(runtime)
+    require_binary("catatonit")
+    backend = OciBackend(state_root, runtime=runtime)
+    h = Harness(backend, default_image.to_ref(), tuple(default_image.host_mounts), runtime)
+    yield h
+    for sandbox_id in h.created:
+        await backend.destroy(sandbox_id)
