@@ -6,6 +6,7 @@ runsc today; podman and microVM backends join by adding harness parameters.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -81,7 +82,7 @@ async def test_timeout_kills_the_whole_command(harness: Harness) -> None:
     assert result.duration < 10
     count = sh("wc -l < /tmp/beat")
     before = (await harness.backend.exec(sid, count)).stdout
-    time.sleep(0.6)
+    await asyncio.sleep(0.6)
     after = (await harness.backend.exec(sid, count)).stdout
     assert int(before) > 0
     assert before == after, "a background child of the timed-out command is still running"
@@ -91,7 +92,8 @@ async def test_missing_command_is_127(harness: Harness) -> None:
     sid = await harness.sandbox()
     result = await harness.backend.exec(sid, ExecRequest(["/no/such/command"]))
     assert result.exit_code == 127
-    assert result.reason and "not found" in result.reason
+    assert result.reason
+    assert "not found" in result.reason
 
 
 async def test_signals_map_to_128_plus_n(harness: Harness) -> None:

@@ -1,0 +1,521 @@
+"""Cold-start benchmark: a raw OCI runtime vs Corral's Python API vs the `corral` CLI.
+
+Every measurement runs interleaved (shuffled order each round) in one process, so
+host noise lands on all rows alike. Needs root. See bench/README.md for the rows.
+
+    .venv/bin/python bench/startup.py [--runs N] [--runtime crun|runc|runsc ...] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from corral._sys import cgroups, mounts
+from corral.backends.base import ExecRequest, SandboxConfig, SandboxLimits
+from corral.backends.oci import OciBackend
+from corral.backends.oci.backend import CGROUP_PARENT
+from corral.backends.oci.bundle import UID_BASE, make_config
+from corral.backends.oci.runtimes import RUNTIMES, OciRuntime, get_runtime
+from corral.images import Image, ImageStore
+from corral.runtime.manager import SandboxManager, new_sandbox_id
+from corral.spec.template import Template, load_template
+from corral.store import Store
+
+TEMPLATE = "default"
+LABELS = {"corral.bench": "startup"}
+API_TARGET_RATIO = 2.0  # create -> first exec result, against the raw runtime's cold start
+CLI_TARGET_MS = 150.0  # `corral run -- /bin/true`, crun
+VENV_BIN = Path(sys.executable).parent
+
+Samples = dict[str, list[float]]  # row key -> seconds
+
+
+# -- setup -----------------------------------------------------------------------
+
+
+def traversable_dir(prefix: str) -> Path:
+    """A fresh dir under /var/tmp that a user-namespaced runtime can traverse."""
+    path = Path(tempfile.mkdtemp(prefix=f"corral-bench-{prefix}-", dir="/var/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def limits_of(template: Template) -> SandboxLimits:
+    """The limits SandboxManager.create gives a sandbox of `template` (no overrides)."""
+    res = template.resources
+    return SandboxLimits(
+        vcpus=float(res.vcpus), memory=res.memory, pids=res.pids, disk=res.disk, cpuset=res.cpuset
+    )
+
+
+@dataclass(frozen=True)
+class RawBundle:
+    """A prepared bundle that runs /bin/true with a sandbox's rootfs, mounts and limits."""
+
+    runtime: OciRuntime
+    root: Path  # the runtime's --root
+    bundle: Path
+    container: str
+    cgroup: str
+
+    def run_argv(self) -> list[str]:
+        return self.runtime.command(self.root, "run", "--bundle", str(self.bundle), self.container)
+
+
+def prepare_raw_bundle(
+    base: Path, runtime: OciRuntime, image: Image, template: Template, support_dir: str
+) -> RawBundle:
+    """Write the bundle once: `make_config` as the backend would, args ["/bin/true"].
+
+    The scratch is a plain directory (the backend mounts a tmpfs there); the runtime
+    only binds it, so its cost to the runtime is the same.
+    """
+    userns = runtime.user_namespace
+    host_id = image.uid + (UID_BASE if userns else 0)
+    token = secrets.token_hex(4)
+    directory = base / "raw" / runtime.name
+    scratch = directory / "scratch"
+    for sub, mode in (("tmp", 0o1777), ("home", 0o755), ("work", 0o755)):
+        path = scratch / sub
+        path.mkdir(parents=True)
+        os.chown(path, host_id, host_id)
+        path.chmod(mode)
+    sandbox_id = f"bench-raw-{runtime.name}-{token}"
+    config = SandboxConfig(
+        sandbox_id=sandbox_id,
+        image=image.to_ref(),
+        limits=limits_of(template),
+        mounts=list(image.host_mounts),
+        labels=LABELS,
+        runtime=runtime.name,
+    )
+    cgroup = f"{CGROUP_PARENT}/{sandbox_id}"
+    spec = make_config(
+        config,
+        scratch=str(scratch),
+        support_dir=support_dir,
+        cgroup_path=cgroup,
+        user_namespace=userns,
+    )
+    spec["process"]["args"] = ["/bin/true"]
+    bundle = directory / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(spec))
+    root = directory / "root"
+    root.mkdir()
+    return RawBundle(runtime, root, bundle, sandbox_id, cgroup)
+
+
+@dataclass
+class Bench:
+    """What every measurement shares: one state dir (store, images, sandboxes)."""
+
+    state_dir: Path
+    template: Template
+    image: Image
+    backend: OciBackend
+    manager: SandboxManager
+    raw: dict[str, RawBundle]
+    cli_env: dict[str, str]
+    samples: Samples = field(default_factory=dict)
+    sandbox_ids: set[str] = field(default_factory=set)  # every id handed out, for the leak check
+
+    def record(self, key: str, seconds: float) -> None:
+        self.samples.setdefault(key, []).append(seconds)
+
+
+def open_bench(state_dir: Path, runtimes: list[str]) -> Bench:
+    template = load_template(TEMPLATE)
+    images = ImageStore(state_dir / "images")  # where the CLI looks, so it hits the cache
+    image = images.build(template)
+    backend = OciBackend(state_dir)
+    manager = SandboxManager(backend, Store.for_state_dir(state_dir), images)
+    support_dir = backend._ensure_support()  # the catatonit bind; raw bundles mount it too
+    raw = {
+        name: prepare_raw_bundle(state_dir, get_runtime(name), image, template, support_dir)
+        for name in runtimes
+    }
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    cli_env["CORRAL_CONFIG"] = str(state_dir / "no-config.toml")  # ignore /etc/corral
+    return Bench(state_dir, template, image, backend, manager, raw, cli_env)
+
+
+# -- measurements ----------------------------------------------------------------
+
+
+def _check(proc: subprocess.CompletedProcess[bytes], what: str) -> None:
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace")[-800:]
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {tail}")
+
+
+def _timed_subprocess(argv: list[str], what: str, env: dict[str, str] | None = None) -> float:
+    # Blocking on purpose: nothing else runs meanwhile, and a thread hop would add to the figure.
+    started = time.perf_counter()
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env)
+    elapsed = time.perf_counter() - started
+    _check(proc, what)
+    return elapsed
+
+
+async def measure_raw(bench: Bench, runtime: str) -> None:
+    """`<runtime> run` in the foreground: create, start, wait, delete (it deletes itself)."""
+    raw = bench.raw[runtime]
+    bench.record(f"{runtime}/raw", _timed_subprocess(raw.run_argv(), f"raw {runtime} run"))
+
+
+async def measure_backend(bench: Bench, runtime: str) -> None:
+    config = SandboxConfig(
+        sandbox_id=new_sandbox_id(),
+        image=bench.image.to_ref(),
+        limits=limits_of(bench.template),
+        mounts=list(bench.image.host_mounts),
+        labels=LABELS,
+        runtime=runtime,
+    )
+    backend = bench.backend
+    bench.sandbox_ids.add(config.sandbox_id)
+    started = time.perf_counter()
+    try:
+        await backend.create(config)
+        created = time.perf_counter()
+        result = await backend.exec(config.sandbox_id, ExecRequest(["/bin/true"]))
+        executed = time.perf_counter()
+        if not result.ok:
+            raise RuntimeError(f"backend exec /bin/true: exit {result.exit_code} {result.stderr!r}")
+    finally:
+        destroy_started = time.perf_counter()
+        await backend.destroy(config.sandbox_id)
+    done = time.perf_counter()
+    prefix = f"{runtime}/backend"
+    bench.record(f"{prefix}/create", created - started)
+    bench.record(f"{prefix}/exec", executed - created)
+    bench.record(f"{prefix}/destroy", done - destroy_started)
+    bench.record(f"{prefix}/create_exec", executed - started)
+    bench.record(f"{prefix}/total", done - started)
+
+
+async def measure_manager(bench: Bench, runtime: str) -> None:
+    manager = bench.manager
+    started = time.perf_counter()
+    record = await manager.create(TEMPLATE, runtime=runtime, labels=LABELS)
+    created = time.perf_counter()
+    bench.sandbox_ids.add(record.id)
+    try:
+        result = await manager.exec(record.id, ["/bin/true"])
+        executed = time.perf_counter()
+        if not result.ok:
+            raise RuntimeError(f"manager exec /bin/true: exit {result.exit_code} {result.stderr!r}")
+    finally:
+        destroy_started = time.perf_counter()
+        await manager.destroy(record.id)
+    done = time.perf_counter()
+    prefix = f"{runtime}/manager"
+    bench.record(f"{prefix}/create", created - started)
+    bench.record(f"{prefix}/exec", executed - created)
+    bench.record(f"{prefix}/destroy", done - destroy_started)
+    bench.record(f"{prefix}/create_exec", executed - started)
+    bench.record(f"{prefix}/total", done - started)
+
+
+async def measure_cli(bench: Bench, runtime: str) -> None:
+    argv = [
+        str(VENV_BIN / "corral"),
+        *("--state-dir", str(bench.state_dir), "--backend", "oci", "--runtime", runtime),
+        *("run", "--", "/bin/true"),
+    ]
+    elapsed = _timed_subprocess(argv, f"corral run ({runtime})", env=bench.cli_env)
+    bench.record(f"{runtime}/cli", elapsed)
+
+
+async def measure_python(bench: Bench, key: str, code: str) -> None:
+    elapsed = _timed_subprocess([sys.executable, "-c", code], f"python -c {code!r}")
+    bench.record(key, elapsed)
+
+
+def round_steps(bench: Bench, runtimes: list[str]) -> list[Callable[[], Awaitable[None]]]:
+    steps: list[Callable[[], Awaitable[None]]] = [
+        lambda: measure_python(bench, "python/pass", "pass"),
+        lambda: measure_python(bench, "python/import_cli", "import corral.cli.main"),
+    ]
+    for runtime in runtimes:
+        for measure in (measure_raw, measure_backend, measure_manager, measure_cli):
+            steps.append(lambda m=measure, r=runtime: m(bench, r))  # type: ignore[misc]
+    return steps
+
+
+async def run_rounds(bench: Bench, runtimes: list[str], runs: int, warmup: int) -> None:
+    steps = round_steps(bench, runtimes)
+    shuffle = random.Random(0).shuffle
+    with Console(stderr=True).status("measuring") as status:
+        for number in range(warmup + runs):
+            if number == warmup:
+                bench.samples.clear()  # warm-up rounds fill caches; they are not recorded
+            status.update(f"round {number + 1}/{warmup + runs} ({warmup} warm-up)")
+            shuffle(steps)
+            for step in steps:
+                await step()
+
+
+# -- cleanup ---------------------------------------------------------------------
+
+
+async def destroy_sandboxes(state_dir: Path, sandbox_ids: set[str]) -> None:
+    backend = OciBackend(state_dir)
+    for sandbox_id in sorted(sandbox_ids):
+        await backend.destroy(sandbox_id)
+
+
+def delete_raw(raw: dict[str, RawBundle]) -> list[str]:
+    """Delete any raw container or cgroup still there (a run interrupted midway)."""
+    left = []
+    for bundle in raw.values():
+        runtime = bundle.runtime
+        state = runtime.command(bundle.root, "state", bundle.container)
+        if subprocess.run(state, capture_output=True).returncode == 0:
+            left.append(f"raw container {bundle.container}")
+            delete = runtime.command(bundle.root, "delete", runtime.force_flag, bundle.container)
+            subprocess.run(delete, capture_output=True)
+        if cgroups.cgroup_dirs(bundle.cgroup):
+            left.append(f"cgroup {bundle.cgroup}")
+            cgroups.remove(bundle.cgroup)
+    return left
+
+
+def leaks(state_dir: Path, ours: set[str]) -> list[str]:
+    """Cgroups, mounts and processes of this run that are still there after the sweep."""
+    found = [f"cgroup /corral/{name}" for name in sorted(cgroups.children(CGROUP_PARENT) & ours)]
+    found += [f"mount {point}" for point in mounts.mounts_under(state_dir)]
+    marker = str(state_dir).encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline and int(pid) != os.getpid():
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+            found.append(f"process {pid}: {command}")
+    return found
+
+
+def clean_up(state_dir: Path, bench: Bench | None) -> list[str]:
+    """Sweep the state dir, check for leaks, and remove the dir when nothing leaked."""
+    raw = bench.raw if bench else {}
+    leftovers: set[str] = set()  # sandboxes still on disk or in the store (e.g. a killed CLI)
+    if (state_dir / "sandboxes").is_dir():
+        leftovers |= {p.name for p in (state_dir / "sandboxes").iterdir()}
+    ours = {b.container for b in raw.values()}
+    if bench is not None:
+        leftovers |= bench.manager.store.ids()
+        bench.manager.store.close()
+        ours |= bench.sandbox_ids
+    ours |= leftovers
+    asyncio.run(destroy_sandboxes(state_dir, leftovers))
+    left = [f"sandbox {sandbox_id}" for sandbox_id in sorted(leftovers)] + delete_raw(raw)
+    remaining = leaks(state_dir, ours)
+    console = Console(stderr=True)
+    if left:
+        console.print(f"swept after the run: {', '.join(left)}")
+    if remaining:
+        console.print(f"[red]LEAKED[/]: {'; '.join(remaining)} (state dir {state_dir} kept)")
+    else:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        console.print(f"cleanup: nothing left ({len(ours)} sandbox ids checked)")
+    return remaining
+
+
+# -- report ----------------------------------------------------------------------
+
+
+def p90(values: list[float]) -> float:
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    runtime: str | None = None
+    detail: bool = False  # a step of the row above
+
+
+def rows_for(runtimes: list[str]) -> list[Row]:
+    rows: list[Row] = []
+    for rt in runtimes:
+        raw = "runsc --network=none --platform=ptrace run" if rt == "runsc" else f"{rt} run"
+        rows.append(Row(f"{rt}/raw", f"raw `{raw}` /bin/true (+ its delete)", rt))
+        for layer, name in (("manager", "SandboxManager"), ("backend", "OciBackend")):
+            rows.append(Row(f"{rt}/{layer}/create_exec", f"{name}: create -> 1st exec result", rt))
+            rows.append(Row(f"{rt}/{layer}/total", f"{name}: create -> exec -> destroy", rt))
+            for step in ("create", "exec", "destroy"):
+                rows.append(Row(f"{rt}/{layer}/{step}", f"  {step}", rt, detail=True))
+        rows.append(Row(f"{rt}/cli", "CLI `corral run -- /bin/true` (wall)", rt))
+    rows.append(Row("python/pass", "`python -c pass` (wall)"))
+    rows.append(Row("python/import_cli", "`python -c 'import corral.cli.main'` (wall)"))
+    return rows
+
+
+def summarize(samples: Samples) -> dict[str, dict[str, Any]]:
+    return {
+        key: {
+            "median_ms": statistics.median(values) * 1e3,
+            "p90_ms": p90(values) * 1e3,
+            "min_ms": min(values) * 1e3,
+            "samples_ms": [round(v * 1e3, 3) for v in values],
+        }
+        for key, values in samples.items()
+    }
+
+
+def targets(summary: dict[str, dict[str, Any]], runtimes: list[str]) -> list[dict[str, Any]]:
+    checks: list[dict[str, Any]] = []
+    for rt in runtimes:
+        raw = summary[f"{rt}/raw"]["median_ms"]
+        for layer in ("manager", "backend"):
+            value = summary[f"{rt}/{layer}/create_exec"]["median_ms"]
+            checks.append(
+                {
+                    "name": f"{rt} {layer}: create -> 1st exec <= {API_TARGET_RATIO:g}x raw {rt}",
+                    "value_ms": value,
+                    "limit_ms": API_TARGET_RATIO * raw,
+                    "ok": value <= API_TARGET_RATIO * raw,
+                }
+            )
+    if "crun" in runtimes:
+        value = summary["crun/cli"]["median_ms"]
+        checks.append(
+            {
+                "name": f"crun CLI: `corral run -- /bin/true` <= {CLI_TARGET_MS:g} ms",
+                "value_ms": value,
+                "limit_ms": CLI_TARGET_MS,
+                "ok": value <= CLI_TARGET_MS,
+            }
+        )
+    return checks
+
+
+def print_report(
+    summary: dict[str, dict[str, Any]], runtimes: list[str], checks: list[dict[str, Any]]
+) -> None:
+    console = Console()
+    crun_raw = summary.get("crun/raw", {}).get("median_ms")
+    table = Table(title="Cold start of /bin/true (ms)")
+    table.add_column("row")
+    table.add_column("rt")
+    table.add_column("median", justify="right")
+    table.add_column("p90", justify="right")
+    table.add_column("x raw crun", justify="right")
+    table.add_column("x raw own rt", justify="right")
+    for row in rows_for(runtimes):
+        if row.key not in summary:
+            continue
+        median = summary[row.key]["median_ms"]
+        own_raw = summary.get(f"{row.runtime}/raw", {}).get("median_ms") if row.runtime else None
+        table.add_row(
+            row.label,
+            row.runtime or "-",
+            f"{median:.1f}",
+            f"{summary[row.key]['p90_ms']:.1f}",
+            f"{median / crun_raw:.2f}" if crun_raw and not row.detail else "",
+            f"{median / own_raw:.2f}" if own_raw and not row.detail else "",
+            style="dim" if row.detail else None,
+        )
+    console.print(table)
+    for check in checks:
+        verdict = "[green]PASS[/]" if check["ok"] else "[red]FAIL[/]"
+        console.print(
+            f"{verdict} {check['name']}: {check['value_ms']:.1f} ms"
+            f" (limit {check['limit_ms']:.1f} ms)"
+        )
+
+
+def host_facts(runtimes: list[str]) -> dict[str, Any]:
+    versions = {}
+    for name in runtimes:
+        proc = subprocess.run([name, "--version"], capture_output=True, text=True)
+        lines = (proc.stdout or proc.stderr).splitlines()
+        versions[name] = lines[0] if proc.returncode == 0 and lines else "?"
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "runtimes": versions,
+    }
+
+
+# -- main ------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30, help="measured rounds (default 30)")
+    parser.add_argument("--warmup", type=int, default=2, help="unrecorded rounds (default 2)")
+    parser.add_argument(
+        "--runtime",
+        action="append",
+        choices=sorted(RUNTIMES),
+        help="OCI runtime to measure; repeat for several (default: crun)",
+    )
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        sys.stderr.write("bench/startup.py needs root (cgroups, mounts, OCI runtimes)\n")
+        return 2
+    runtimes: list[str] = list(dict.fromkeys(args.runtime or ["crun"]))
+    for name in runtimes:
+        get_runtime(name).binary()  # fail early, naming the package to install
+    state_dir = traversable_dir("state")
+    bench: Bench | None = None
+    try:
+        bench = open_bench(state_dir, runtimes)
+        asyncio.run(run_rounds(bench, runtimes, args.runs, args.warmup))
+    finally:
+        remaining = clean_up(state_dir, bench)
+    assert bench is not None
+    summary = summarize(bench.samples)
+    checks = targets(summary, runtimes)
+    print_report(summary, runtimes, checks)
+    if args.json:
+        payload = {
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "runtimes": runtimes,
+            "template": TEMPLATE,
+            "host": host_facts(runtimes),
+            "results": summary,
+            "targets": checks,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0 if not remaining else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
