@@ -56,7 +56,7 @@ def test_image_key_ignores_name_and_resources(tmp_path: Path) -> None:
         ('name = "x"\n[resources]\ncpuset = "a-b"\n', "resources.cpuset", "resources"),
         ('name = "x"\nnetwork = "host"\n', "network", "none"),
         ('name = "x"\nisolation = ["vm"]\n', "isolation.0", "container"),
-        ('name = "x"\npackages = ["hello"]\n', None, "docs"),
+        ('name = "x"\npackages = ["hello"]\n', None, "readme"),
         ('name = "x"\n[[mounts]]\nsource = "rel"\ntarget = "/t"\n', "mounts.0.source", "absolute"),
         (
             'name = "x"\n[[mounts]]\nsource = "/a"\ntarget = "/proc/x"\n',

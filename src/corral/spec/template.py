@@ -265,7 +265,7 @@ def parse_template(data: dict[str, Any], *, source: str) -> Template:
             message = "is required"
             hint = _HINTS.get(top, f"add '{field}'")
         else:
-            hint = _HINTS.get(top, "see docs/templates.md")
+            hint = _HINTS.get(top, "see the Templates section of the README")
         raise TemplateError(message, file=source, field=field, hint=hint) from None
 
 
