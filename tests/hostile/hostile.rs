@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 // x86_64 syscall numbers.
 const SYS_WRITE: usize = 1;
+const SYS_CLOSE: usize = 3;
+const SYS_SOCKET: usize = 41;
+const SYS_CONNECT: usize = 42;
 const SYS_GETPID: usize = 39;
 const SYS_FORK: usize = 57;
 const SYS_GETUID: usize = 102;
@@ -34,6 +37,9 @@ const SYS_PTRACE: usize = 101;
 const CLONE_NEWNS: usize = 0x0002_0000;
 const CLONE_NEWUSER: usize = 0x1000_0000;
 const CLONE_NEWNET: usize = 0x4000_0000;
+
+const AF_UNIX: usize = 1;
+const SOCK_STREAM: usize = 1;
 
 const EAGAIN: isize = 11;
 
@@ -97,6 +103,10 @@ fn errno_name(ret: isize) -> String {
         28 => "ENOSPC".to_string(),
         30 => "EROFS".to_string(),
         38 => "ENOSYS".to_string(),
+        95 => "EOPNOTSUPP".to_string(),
+        111 => "ECONNREFUSED".to_string(),
+        113 => "EHOSTUNREACH".to_string(),
+        101 => "ENETUNREACH".to_string(),
         n if n < 0 => "ok".to_string(),
         n => format!("errno{}", n),
     }
@@ -222,6 +232,32 @@ fn connect(host: &str, port: &str) {
     }
 }
 
+/// Connect to an abstract unix socket (`@name`) with raw socket(2)/connect(2).
+/// Abstract sockets belong to the network namespace, so this is egress too.
+fn connect_abstract(name: &str) {
+    // struct sockaddr_un: sa_family_t (u16), then the path; a leading NUL makes it abstract.
+    let mut addr: Vec<u8> = Vec::with_capacity(3 + name.len());
+    addr.extend_from_slice(&(AF_UNIX as u16).to_ne_bytes());
+    addr.push(0);
+    addr.extend_from_slice(name.as_bytes());
+    unsafe {
+        let fd = syscall3(SYS_SOCKET, AF_UNIX, SOCK_STREAM, 0);
+        if fd < 0 {
+            say(&format!("connect=failed error={}", errno_name(fd)));
+            return;
+        }
+        let ret = syscall3(SYS_CONNECT, fd as usize, addr.as_ptr() as usize, addr.len());
+        if ret == 0 {
+            let message = b"escaped\n";
+            syscall3(SYS_WRITE, fd as usize, message.as_ptr() as usize, message.len());
+            say("connect=ok");
+        } else {
+            say(&format!("connect=failed error={}", errno_name(ret)));
+        }
+        syscall1(SYS_CLOSE, fd as usize);
+    }
+}
+
 fn read(path: &str) {
     match fs::read(path) {
         Ok(data) => {
@@ -278,12 +314,13 @@ fn diskfill(path: &str, mib: u64) {
     say(&format!("written={} error={}", written, error));
 }
 
-/// Identity and privilege probes through raw syscalls.
+/// Identity and privilege probes through raw syscalls. The probes that need
+/// privilege over the host's namespaces come first; unshare(2) comes last,
+/// because where it succeeds it grants capabilities in the new namespace.
 fn rawsyscalls() {
     let target = b"/tmp\0";
     let fstype = b"tmpfs\0";
     let root = b"/\0";
-    let netns = b"/proc/1/ns/net\0";
     unsafe {
         say(&format!("uid={}", syscall0(SYS_GETUID)));
         say(&format!("euid={}", syscall0(SYS_GETEUID)));
@@ -291,9 +328,6 @@ fn rawsyscalls() {
         say(&format!("pid={}", syscall0(SYS_GETPID)));
         say(&format!("ppid={}", syscall0(SYS_GETPPID)));
         say(&format!("setuid0={}", errno_name(syscall1(SYS_SETUID, 0))));
-        say(&format!("unshare_user={}", errno_name(syscall1(SYS_UNSHARE, CLONE_NEWUSER))));
-        say(&format!("unshare_net={}", errno_name(syscall1(SYS_UNSHARE, CLONE_NEWNET))));
-        say(&format!("unshare_mount={}", errno_name(syscall1(SYS_UNSHARE, CLONE_NEWNS))));
         let mounted = syscall5(
             SYS_MOUNT,
             fstype.as_ptr() as usize,
@@ -306,8 +340,7 @@ fn rawsyscalls() {
         say(&format!("chroot={}", errno_name(syscall1(SYS_CHROOT, root.as_ptr() as usize))));
         // PTRACE_ATTACH (16) to pid 1, the sandbox init.
         say(&format!("ptrace_init={}", errno_name(syscall3(SYS_PTRACE, 16, 1, 0))));
-        let fd = fs::File::open(std::str::from_utf8(&netns[..netns.len() - 1]).unwrap_or("/"));
-        let setns = match fd {
+        let setns = match fs::File::open("/proc/1/ns/net") {
             Ok(file) => {
                 use std::os::unix::io::AsRawFd;
                 errno_name(syscall3(SYS_SETNS, file.as_raw_fd() as usize, 0, 0))
@@ -315,6 +348,9 @@ fn rawsyscalls() {
             Err(err) => io_error_name(&err),
         };
         say(&format!("setns_init_net={}", setns));
+        say(&format!("unshare_user={}", errno_name(syscall1(SYS_UNSHARE, CLONE_NEWUSER))));
+        say(&format!("unshare_net={}", errno_name(syscall1(SYS_UNSHARE, CLONE_NEWNET))));
+        say(&format!("unshare_mount={}", errno_name(syscall1(SYS_UNSHARE, CLONE_NEWNS))));
     }
 }
 
@@ -371,6 +407,7 @@ fn main() {
         "memhog" => memhog(number(arg(&args, 2))),
         "spin" => spin(number(arg(&args, 2)), number(arg(&args, 3)) as f64),
         "connect" => connect(arg(&args, 2), arg(&args, 3)),
+        "connect-abstract" => connect_abstract(arg(&args, 2)),
         "read" => read(arg(&args, 2)),
         "write" => write(arg(&args, 2)),
         "diskfill" => diskfill(arg(&args, 2), number(arg(&args, 3))),

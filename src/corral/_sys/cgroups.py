@@ -114,3 +114,16 @@ def children(parent: str, root: Path = CGROUP_ROOT) -> set[str]:
         if top.is_dir():
             names.update(p.name for p in top.iterdir() if p.is_dir())
     return names
+
+
+def pids(cgroup: str, root: Path = CGROUP_ROOT) -> list[int]:
+    """Host pids of every process in `cgroup` (and its children)."""
+    rel = cgroup.lstrip("/")
+    top = root / rel if is_unified(root) else root / "pids" / rel
+    found: list[int] = []
+    for dirpath, _dirs, _files in os.walk(top):
+        try:
+            found.extend(int(p) for p in Path(dirpath, "cgroup.procs").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -46,3 +47,17 @@ def kill_session(sid: int) -> int:
         except ProcessLookupError:
             pass
     return count
+
+
+def has_environ_entry(pid: int, entry: bytes) -> bool:
+    """True when `entry` (b"NAME=value") is in the process's initial environment."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return entry in environ.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

@@ -47,6 +47,11 @@ from corral.errors import (
 CONTAINER_PREFIX = "corral-"
 CGROUP_PARENT = "/corral"
 _CHUNK = 65536
+# Every process an exec starts inherits this variable: at a timeout, processes that
+# left the command's session (setsid) are still found by it in the sandbox's cgroup.
+EXEC_TOKEN_VAR = "CORRAL_EXEC_ID"
+# `runsc exec` exits 128 when the sandbox itself went away under the command.
+GVISOR_SANDBOX_DIED = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +305,7 @@ class OciBackend(Backend):
         token = uuid.uuid4().hex[:12]
         process_file = sandbox_dir / f"exec-{token}.json"
         pid_file = sandbox_dir / f"exec-{token}.pid"
-        process_file.write_text(json.dumps(_process_spec(meta, request)))
+        process_file.write_text(json.dumps(_process_spec(meta, request, token)))
         pid_flag = "--pid-file" if runtime.in_kernel else "--internal-pid-file"
         argv = ["exec", "--process", str(process_file), pid_flag, str(pid_file)]
         oom_before = cgroups.oom_kills(meta.cgroup)
@@ -331,7 +336,7 @@ class OciBackend(Backend):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     timed_out = True
-                    await self._kill_exec(runtime, meta, proc.pid, pid_file)
+                    await self._kill_exec(runtime, meta, proc.pid, pid_file, token)
                     deadline = None
                     continue
                 try:
@@ -348,7 +353,7 @@ class OciBackend(Backend):
             finished = True
         finally:
             if not finished:
-                await self._kill_exec(runtime, meta, proc.pid, pid_file)
+                await self._kill_exec(runtime, meta, proc.pid, pid_file, token)
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
@@ -359,7 +364,9 @@ class OciBackend(Backend):
         oom = cgroups.oom_kills(meta.cgroup) > oom_before
         yield _exit_status(rc, runtime, request, stderr_tail, timed_out, oom, started)
 
-    async def _kill_exec(self, runtime: OciRuntime, meta: _Meta, sid: int, pid_file: Path) -> None:
+    async def _kill_exec(
+        self, runtime: OciRuntime, meta: _Meta, sid: int, pid_file: Path, token: str
+    ) -> None:
         """Kill a command and everything it started (inside or outside gVisor)."""
         try:
             command_pid = int(pid_file.read_text().strip())
@@ -370,6 +377,10 @@ class OciBackend(Backend):
             if command_pid is not None:
                 procs.kill_session(procs.session_of(command_pid) or command_pid)
             procs.kill_session(sid)
+            marker = f"{EXEC_TOKEN_VAR}={token}".encode()
+            for pid in cgroups.pids(meta.cgroup):
+                if procs.has_environ_entry(pid, marker):
+                    procs.kill(pid)
             return
         if command_pid is None:
             return
@@ -405,12 +416,12 @@ def _ps_table(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def _process_spec(meta: _Meta, request: ExecRequest) -> dict[str, Any]:
+def _process_spec(meta: _Meta, request: ExecRequest, token: str) -> dict[str, Any]:
     return process_spec(
         uid=meta.uid,
         gid=meta.gid,
         args=list(request.argv),
-        env={**meta.env, **request.env},
+        env={**meta.env, **request.env, EXEC_TOKEN_VAR: token},
         cwd=request.cwd or meta.workdir,
     )
 
@@ -428,7 +439,8 @@ def _exit_status(
     if timed_out:
         reason = f"timed out after {request.timeout:g}s; killed"
         return ExitStatus(124, timed_out=True, oom_killed=oom, duration=duration, reason=reason)
-    if oom and rc in (137, -9):
+    sandbox_died = not runtime.in_kernel and rc == GVISOR_SANDBOX_DIED
+    if oom and (rc in (137, -9) or sandbox_died):
         return ExitStatus(
             137,
             oom_killed=True,
@@ -440,6 +452,12 @@ def _exit_status(
     text = stderr_tail.decode(errors="replace")
     if rc in (127, 128, 255) and runtime.missing_command.search(text):
         return ExitStatus(127, duration=duration, reason=f"command not found: {request.argv[0]}")
+    if sandbox_died and not runtime.missing_command.search(text):
+        return ExitStatus(
+            rc,
+            duration=duration,
+            reason="the sandbox's gVisor kernel exited (e.g. it hit its pids limit)",
+        )
     if rc == 137:
         return ExitStatus(137, oom_killed=oom, duration=duration, reason="killed by SIGKILL")
     if rc > 128:

@@ -216,14 +216,6 @@ def make_config(
             "options": ["rbind", "ro", "nosuid", "nodev"],
         },
     ]
-    if not user_namespace:
-        # sysfs in a fresh netns needs CAP_SYS_ADMIN over it; without a userns use a bind.
-        mounts[5] = {
-            "destination": "/sys",
-            "type": "bind",
-            "source": "/sys",
-            "options": ["rbind", "nosuid", "noexec", "nodev", "ro"],
-        }
     for sub, target in (("tmp", "/tmp"), ("home", image.home), ("work", image.workdir)):
         mounts.append(
             {
