@@ -96,11 +96,11 @@ class Harness:
 def state_root() -> Iterator[Path]:
     """A state dir per module; the leak check runs when the module is done."""
     root = traversable_dir("state")
-    before = cgroups.children("/corral")
+    before = sandbox_cgroups()
     inits_before = _sandbox_inits()
     yield root
     leaks: list[str] = []
-    new_cgroups = cgroups.children("/corral") - before
+    new_cgroups = sandbox_cgroups() - before
     if new_cgroups:
         leaks.append(f"cgroups under /corral: {sorted(new_cgroups)}")
     left_mounts = mounts.mounts_under(root)
@@ -114,6 +114,15 @@ def state_root() -> Iterator[Path]:
         leaks.append(f"sandbox processes: {sorted(new_inits)}")
     assert not leaks, "leaked after module: " + "; ".join(leaks)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def sandbox_cgroups() -> set[str]:
+    """Every sandbox cgroup on the host: /corral/<install>/<sandbox>."""
+    return {
+        f"{install}/{sandbox}"
+        for install in cgroups.children("/corral")
+        for sandbox in cgroups.children(f"/corral/{install}")
+    }
 
 
 def _sandbox_inits() -> set[int]:

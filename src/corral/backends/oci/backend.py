@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -78,6 +79,10 @@ class OciBackend(Backend):
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.run_dir = self.state_dir / "run"
         self.support_dir = self.state_dir / "support"
+        # One cgroup parent per state dir: gc of one Corral install (or a test run)
+        # never touches another's sandboxes on the same host.
+        instance = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
+        self.cgroup_parent = f"{CGROUP_PARENT}/{instance}"
 
     # -- paths and records -------------------------------------------------
 
@@ -162,7 +167,7 @@ class OciBackend(Backend):
             os.chown(path, host_uid, host_gid)
             path.chmod(mode)
         container = CONTAINER_PREFIX + config.sandbox_id
-        cgroup = f"{CGROUP_PARENT}/{config.sandbox_id}"
+        cgroup = f"{self.cgroup_parent}/{config.sandbox_id}"
         spec = make_config(
             config,
             scratch=str(scratch),
@@ -219,7 +224,7 @@ class OciBackend(Backend):
                 await _run(
                     runtime.command(self._root(runtime), "delete", runtime.force_flag, container)
                 )
-        cgroup = meta.cgroup if meta else f"{CGROUP_PARENT}/{sandbox_id}"
+        cgroup = meta.cgroup if meta else f"{self.cgroup_parent}/{sandbox_id}"
         await _release_cgroup(cgroup)
         for point in mounts.mounts_under(sandbox_dir):
             mounts.unmount(point)
@@ -256,7 +261,7 @@ class OciBackend(Backend):
                     cid = entry.get("id", "")
                     if cid.startswith(CONTAINER_PREFIX):
                         found.add(cid.removeprefix(CONTAINER_PREFIX))
-        found.update(cgroups.children(CGROUP_PARENT))
+        found.update(cgroups.children(self.cgroup_parent))
         return sorted(found)
 
     async def stats(self, sandbox_id: str) -> SandboxStats:
