@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
 import random
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +34,6 @@ from rich.table import Table
 from corral._sys import cgroups, mounts
 from corral.backends.base import ExecRequest, SandboxConfig, SandboxLimits
 from corral.backends.oci import OciBackend
-from corral.backends.oci.backend import CGROUP_PARENT
 from corral.backends.oci.bundle import UID_BASE, make_config
 from corral.backends.oci.runtimes import RUNTIMES, OciRuntime, get_runtime
 from corral.images import Image, ImageStore
@@ -82,17 +83,21 @@ class RawBundle:
 
 
 def prepare_raw_bundle(
-    base: Path, runtime: OciRuntime, image: Image, template: Template, support_dir: str
+    base: Path, runtime: OciRuntime, image: Image, template: Template, cgroup_parent: str
 ) -> RawBundle:
     """Write the bundle once: `make_config` as the backend would, args ["/bin/true"].
 
-    The scratch is a plain directory (the backend mounts a tmpfs there); the runtime
-    only binds it, so its cost to the runtime is the same.
+    The scratch is a plain directory (the backend mounts a tmpfs there) and the
+    /.corral support dir holds a copy of catatonit as the backend's does; the
+    runtime only binds them, so they cost it the same.
     """
     userns = runtime.user_namespace
     host_id = image.uid + (UID_BASE if userns else 0)
     token = secrets.token_hex(4)
     directory = base / "raw" / runtime.name
+    support = directory / "support"
+    support.mkdir(parents=True)
+    shutil.copy2(shutil.which("catatonit") or "/usr/libexec/podman/catatonit", support / "init")
     scratch = directory / "scratch"
     for sub, mode in (("tmp", 0o1777), ("home", 0o755), ("work", 0o755)):
         path = scratch / sub
@@ -108,11 +113,11 @@ def prepare_raw_bundle(
         labels=LABELS,
         runtime=runtime.name,
     )
-    cgroup = f"{CGROUP_PARENT}/{sandbox_id}"
+    cgroup = f"{cgroup_parent}/{sandbox_id}"  # beside the backend's sandboxes
     spec = make_config(
         config,
         scratch=str(scratch),
-        support_dir=support_dir,
+        support_dir=str(support),
         cgroup_path=cgroup,
         user_namespace=userns,
     )
@@ -135,7 +140,7 @@ class Bench:
     backend: OciBackend
     manager: SandboxManager
     raw: dict[str, RawBundle]
-    cli_env: dict[str, str]
+    child_env: dict[str, str]  # for the Python children: the CLI and `python -c`
     samples: Samples = field(default_factory=dict)
     sandbox_ids: set[str] = field(default_factory=set)  # every id handed out, for the leak check
 
@@ -143,20 +148,35 @@ class Bench:
         self.samples.setdefault(key, []).append(seconds)
 
 
-def open_bench(state_dir: Path, runtimes: list[str]) -> Bench:
+def child_environment(state_dir: Path, bytecode_cache: bool) -> dict[str, str]:
+    """The environment of the CLI and `python -c` children.
+
+    With `bytecode_cache`, .pyc files go to a prefix dir under the state dir (filled
+    by the warm-up rounds), as an installed corral would have them, even where
+    PYTHONDONTWRITEBYTECODE is set and src/corral has no __pycache__.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env["CORRAL_CONFIG"] = str(state_dir / "no-config.toml")  # ignore /etc/corral
+    if bytecode_cache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(state_dir / "pycache")
+    return env
+
+
+def open_bench(state_dir: Path, runtimes: list[str], *, bytecode_cache: bool) -> Bench:
     template = load_template(TEMPLATE)
     images = ImageStore(state_dir / "images")  # where the CLI looks, so it hits the cache
     image = images.build(template)
     backend = OciBackend(state_dir)
     manager = SandboxManager(backend, Store.for_state_dir(state_dir), images)
-    support_dir = backend._ensure_support()  # the catatonit bind; raw bundles mount it too
     raw = {
-        name: prepare_raw_bundle(state_dir, get_runtime(name), image, template, support_dir)
+        name: prepare_raw_bundle(
+            state_dir, get_runtime(name), image, template, backend.cgroup_parent
+        )
         for name in runtimes
     }
-    cli_env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    cli_env["CORRAL_CONFIG"] = str(state_dir / "no-config.toml")  # ignore /etc/corral
-    return Bench(state_dir, template, image, backend, manager, raw, cli_env)
+    env = child_environment(state_dir, bytecode_cache)
+    return Bench(state_dir, template, image, backend, manager, raw, env)
 
 
 # -- measurements ----------------------------------------------------------------
@@ -243,12 +263,13 @@ async def measure_cli(bench: Bench, runtime: str) -> None:
         *("--state-dir", str(bench.state_dir), "--backend", "oci", "--runtime", runtime),
         *("run", "--", "/bin/true"),
     ]
-    elapsed = _timed_subprocess(argv, f"corral run ({runtime})", env=bench.cli_env)
+    elapsed = _timed_subprocess(argv, f"corral run ({runtime})", env=bench.child_env)
     bench.record(f"{runtime}/cli", elapsed)
 
 
 async def measure_python(bench: Bench, key: str, code: str) -> None:
-    elapsed = _timed_subprocess([sys.executable, "-c", code], f"python -c {code!r}")
+    argv = [sys.executable, "-c", code]
+    elapsed = _timed_subprocess(argv, f"python -c {code!r}", env=bench.child_env)
     bench.record(key, elapsed)
 
 
@@ -259,7 +280,7 @@ def round_steps(bench: Bench, runtimes: list[str]) -> list[Callable[[], Awaitabl
     ]
     for runtime in runtimes:
         for measure in (measure_raw, measure_backend, measure_manager, measure_cli):
-            steps.append(lambda m=measure, r=runtime: m(bench, r))  # type: ignore[misc]
+            steps.append(functools.partial(measure, bench, runtime))
     return steps
 
 
@@ -301,9 +322,12 @@ def delete_raw(raw: dict[str, RawBundle]) -> list[str]:
     return left
 
 
-def leaks(state_dir: Path, ours: set[str]) -> list[str]:
-    """Cgroups, mounts and processes of this run that are still there after the sweep."""
-    found = [f"cgroup /corral/{name}" for name in sorted(cgroups.children(CGROUP_PARENT) & ours)]
+def leaks(state_dir: Path, cgroup_parent: str) -> list[str]:
+    """Cgroups, mounts and processes of this run still there after the sweep.
+
+    Every cgroup under `cgroup_parent` is ours: the backend keys it by the state dir.
+    """
+    found = [f"cgroup {cgroup_parent}/{name}" for name in sorted(cgroups.children(cgroup_parent))]
     found += [f"mount {point}" for point in mounts.mounts_under(state_dir)]
     marker = str(state_dir).encode()
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -318,29 +342,32 @@ def leaks(state_dir: Path, ours: set[str]) -> list[str]:
 
 
 def clean_up(state_dir: Path, bench: Bench | None) -> list[str]:
-    """Sweep the state dir, check for leaks, and remove the dir when nothing leaked."""
+    """Sweep the state dir, check for leaks; remove the dir and our cgroup parent if clean."""
     raw = bench.raw if bench else {}
     leftovers: set[str] = set()  # sandboxes still on disk or in the store (e.g. a killed CLI)
     if (state_dir / "sandboxes").is_dir():
         leftovers |= {p.name for p in (state_dir / "sandboxes").iterdir()}
-    ours = {b.container for b in raw.values()}
     if bench is not None:
         leftovers |= bench.manager.store.ids()
         bench.manager.store.close()
-        ours |= bench.sandbox_ids
-    ours |= leftovers
+    cgroup_parent = OciBackend(state_dir).cgroup_parent
+    leftovers |= cgroups.children(cgroup_parent) - {b.container for b in raw.values()}
     asyncio.run(destroy_sandboxes(state_dir, leftovers))
     left = [f"sandbox {sandbox_id}" for sandbox_id in sorted(leftovers)] + delete_raw(raw)
-    remaining = leaks(state_dir, ours)
+    remaining = leaks(state_dir, cgroup_parent)
     console = Console(stderr=True)
     if left:
         console.print(f"swept after the run: {', '.join(left)}")
     if remaining:
         console.print(f"[red]LEAKED[/]: {'; '.join(remaining)} (state dir {state_dir} kept)")
-    else:
-        shutil.rmtree(state_dir, ignore_errors=True)
-        console.print(f"cleanup: nothing left ({len(ours)} sandbox ids checked)")
-    return remaining
+        return remaining
+    busy = cgroups.remove(cgroup_parent)  # the (now empty) per-state-dir parent
+    shutil.rmtree(state_dir, ignore_errors=True)
+    if busy:
+        return [f"cgroup {path} busy" for path in busy]
+    count = len(bench.sandbox_ids) if bench else 0
+    console.print(f"cleanup: nothing left ({count} sandboxes made through the API, all gone)")
+    return []
 
 
 # -- report ----------------------------------------------------------------------
@@ -364,10 +391,10 @@ def rows_for(runtimes: list[str]) -> list[Row]:
     rows: list[Row] = []
     for rt in runtimes:
         raw = "runsc --network=none --platform=ptrace run" if rt == "runsc" else f"{rt} run"
-        rows.append(Row(f"{rt}/raw", f"raw `{raw}` /bin/true (+ its delete)", rt))
+        rows.append(Row(f"{rt}/raw", f"raw `{raw}` (create, start, wait, delete)", rt))
         for layer, name in (("manager", "SandboxManager"), ("backend", "OciBackend")):
             rows.append(Row(f"{rt}/{layer}/create_exec", f"{name}: create -> 1st exec result", rt))
-            rows.append(Row(f"{rt}/{layer}/total", f"{name}: create -> exec -> destroy", rt))
+            rows.append(Row(f"{rt}/{layer}/total", f"{name}: create + exec + destroy", rt))
             for step in ("create", "exec", "destroy"):
                 rows.append(Row(f"{rt}/{layer}/{step}", f"  {step}", rt, detail=True))
         rows.append(Row(f"{rt}/cli", "CLI `corral run -- /bin/true` (wall)", rt))
@@ -418,7 +445,7 @@ def targets(summary: dict[str, dict[str, Any]], runtimes: list[str]) -> list[dic
 def print_report(
     summary: dict[str, dict[str, Any]], runtimes: list[str], checks: list[dict[str, Any]]
 ) -> None:
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     crun_raw = summary.get("crun/raw", {}).get("median_ms")
     table = Table(title="Cold start of /bin/true (ms)")
     table.add_column("row")
@@ -448,9 +475,29 @@ def print_report(
             f"{verdict} {check['name']}: {check['value_ms']:.1f} ms"
             f" (limit {check['limit_ms']:.1f} ms)"
         )
+    for line in cli_breakdown(summary, runtimes):
+        console.print(line, soft_wrap=True)
 
 
-def host_facts(runtimes: list[str]) -> dict[str, Any]:
+def cli_breakdown(summary: dict[str, dict[str, Any]], runtimes: list[str]) -> list[str]:
+    """Where the CLI's wall time goes, from the medians of the other rows."""
+    median = {key: value["median_ms"] for key, value in summary.items()}
+    start = median["python/pass"]
+    imports = median["python/import_cli"] - start
+    lines = []
+    for rt in runtimes:
+        cli = median[f"{rt}/cli"]
+        api = median[f"{rt}/manager/total"]
+        rest = cli - start - imports - api
+        lines.append(
+            f"CLI {rt} {cli:.0f} ms ~ interpreter start {start:.0f} + import corral.cli.main"
+            f" {imports:.0f} + SandboxManager create/exec/destroy {api:.0f}"
+            f" + the rest {rest:.0f} (settings, store open, lazy imports, interpreter exit)"
+        )
+    return lines
+
+
+def host_facts(runtimes: list[str], bytecode_cache: bool) -> dict[str, Any]:
     versions = {}
     for name in runtimes:
         proc = subprocess.run([name, "--version"], capture_output=True, text=True)
@@ -460,6 +507,9 @@ def host_facts(runtimes: list[str]) -> dict[str, Any]:
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "bytecode_cache": bytecode_cache,
+        "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+        "loadavg_after": os.getloadavg(),
         "runtimes": versions,
     }
 
@@ -478,6 +528,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="OCI runtime to measure; repeat for several (default: crun)",
     )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument(
+        "--no-bytecode-cache",
+        dest="bytecode_cache",
+        action="store_false",
+        help="run the Python children with the environment as is (see README)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -492,24 +548,36 @@ def main(argv: list[str] | None = None) -> int:
     runtimes: list[str] = list(dict.fromkeys(args.runtime or ["crun"]))
     for name in runtimes:
         get_runtime(name).binary()  # fail early, naming the package to install
+    # SIGTERM unwinds like Ctrl-C, so every finally (and the sweep) still runs.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     state_dir = traversable_dir("state")
     bench: Bench | None = None
+    interrupted = False
     try:
-        bench = open_bench(state_dir, runtimes)
+        bench = open_bench(state_dir, runtimes, bytecode_cache=args.bytecode_cache)
         asyncio.run(run_rounds(bench, runtimes, args.runs, args.warmup))
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         remaining = clean_up(state_dir, bench)
-    assert bench is not None
+    if interrupted or bench is None:
+        sys.stderr.write("interrupted: no figures\n")
+        return 130
     summary = summarize(bench.samples)
     checks = targets(summary, runtimes)
     print_report(summary, runtimes, checks)
+    cache = "cached under the state dir" if args.bytecode_cache else "as the environment has it"
+    print(
+        f"host: {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f} at the end;"
+        f" .pyc of the Python children: {cache}"
+    )
     if args.json:
         payload = {
             "runs": args.runs,
             "warmup": args.warmup,
             "runtimes": runtimes,
             "template": TEMPLATE,
-            "host": host_facts(runtimes),
+            "host": host_facts(runtimes, args.bytecode_cache),
             "results": summary,
             "targets": checks,
         }

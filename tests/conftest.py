@@ -96,13 +96,16 @@ class Harness:
 def state_root() -> Iterator[Path]:
     """A state dir per module; the leak check runs when the module is done."""
     root = traversable_dir("state")
-    before = sandbox_cgroups()
+    cgroup_parent = OciBackend(root).cgroup_parent
     inits_before = _sandbox_inits()
     yield root
     leaks: list[str] = []
-    new_cgroups = sandbox_cgroups() - before
-    if new_cgroups:
-        leaks.append(f"cgroups under /corral: {sorted(new_cgroups)}")
+    left_cgroups = cgroups.children(cgroup_parent)
+    if left_cgroups:
+        leaks.append(f"cgroups under {cgroup_parent}: {sorted(left_cgroups)}")
+    left_pids = cgroups.pids(cgroup_parent)
+    if left_pids:
+        leaks.append(f"processes in {cgroup_parent}: {left_pids}")
     left_mounts = mounts.mounts_under(root)
     if left_mounts:
         leaks.append(f"mounts: {left_mounts}")
@@ -114,15 +117,6 @@ def state_root() -> Iterator[Path]:
         leaks.append(f"sandbox processes: {sorted(new_inits)}")
     assert not leaks, "leaked after module: " + "; ".join(leaks)
     shutil.rmtree(root, ignore_errors=True)
-
-
-def sandbox_cgroups() -> set[str]:
-    """Every sandbox cgroup on the host: /corral/<install>/<sandbox>."""
-    return {
-        f"{install}/{sandbox}"
-        for install in cgroups.children("/corral")
-        for sandbox in cgroups.children(f"/corral/{install}")
-    }
 
 
 def _sandbox_inits() -> set[int]:
