@@ -366,7 +366,11 @@ def clean_up(state_dir: Path, bench: Bench | None) -> list[str]:
     if busy:
         return [f"cgroup {path} busy" for path in busy]
     count = len(bench.sandbox_ids) if bench else 0
-    console.print(f"cleanup: nothing left ({count} sandboxes made through the API, all gone)")
+    console.print(
+        f"cleanup: nothing left ({count} sandboxes made through the API, all gone;"
+        f" cgroup parent {cgroup_parent} removed)",
+        soft_wrap=True,
+    )
     return []
 
 
