@@ -116,6 +116,7 @@ def state_root() -> Iterator[Path]:
     if new_inits:
         leaks.append(f"sandbox processes: {sorted(new_inits)}")
     assert not leaks, "leaked after module: " + "; ".join(leaks)
+    cgroups.remove(cgroup_parent)  # the install's now-empty parent
     shutil.rmtree(root, ignore_errors=True)
 
 
