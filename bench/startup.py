@@ -147,6 +147,22 @@ class Bench:
     def record(self, key: str, seconds: float) -> None:
         self.samples.setdefault(key, []).append(seconds)
 
+    def record_steps(
+        self,
+        prefix: str,
+        started: float,
+        created: float,
+        executed: float,
+        destroy_started: float,
+        done: float,
+    ) -> None:
+        """Record the create, exec and destroy steps of one cold start and their sums."""
+        self.record(f"{prefix}/create", created - started)
+        self.record(f"{prefix}/exec", executed - created)
+        self.record(f"{prefix}/destroy", done - destroy_started)
+        self.record(f"{prefix}/create_exec", executed - started)
+        self.record(f"{prefix}/total", done - started)
+
 
 def child_environment(state_dir: Path, bytecode_cache: bool) -> dict[str, str]:
     """The environment of the CLI and `python -c` children.
@@ -227,11 +243,7 @@ async def measure_backend(bench: Bench, runtime: str) -> None:
         await backend.destroy(config.sandbox_id)
     done = time.perf_counter()
     prefix = f"{runtime}/backend"
-    bench.record(f"{prefix}/create", created - started)
-    bench.record(f"{prefix}/exec", executed - created)
-    bench.record(f"{prefix}/destroy", done - destroy_started)
-    bench.record(f"{prefix}/create_exec", executed - started)
-    bench.record(f"{prefix}/total", done - started)
+    bench.record_steps(prefix, started, created, executed, destroy_started, done)
 
 
 async def measure_manager(bench: Bench, runtime: str) -> None:
@@ -250,11 +262,7 @@ async def measure_manager(bench: Bench, runtime: str) -> None:
         await manager.destroy(record.id)
     done = time.perf_counter()
     prefix = f"{runtime}/manager"
-    bench.record(f"{prefix}/create", created - started)
-    bench.record(f"{prefix}/exec", executed - created)
-    bench.record(f"{prefix}/destroy", done - destroy_started)
-    bench.record(f"{prefix}/create_exec", executed - started)
-    bench.record(f"{prefix}/total", done - started)
+    bench.record_steps(prefix, started, created, executed, destroy_started, done)
 
 
 async def measure_cli(bench: Bench, runtime: str) -> None:
