@@ -36,6 +36,8 @@ from corral.backends.base import ExecRequest, SandboxConfig, SandboxLimits
 from corral.backends.oci import OciBackend
 from corral.backends.oci.bundle import UID_BASE, make_config
 from corral.backends.oci.runtimes import RUNTIMES, OciRuntime, get_runtime
+from corral.cli.cmdserver import stop_server
+from corral.cli.launcher import SOCKET_NAME
 from corral.images import Image, ImageStore
 from corral.runtime.manager import SandboxManager, new_sandbox_id
 from corral.spec.template import Template, load_template
@@ -266,13 +268,34 @@ async def measure_manager(bench: Bench, runtime: str) -> None:
 
 
 async def measure_cli(bench: Bench, runtime: str) -> None:
+    """`corral run -- /bin/true` as a user types it (through the warm command server)
+    and with the command server off (every import paid in the process)."""
     argv = [
         str(VENV_BIN / "corral"),
         *("--state-dir", str(bench.state_dir), "--backend", "oci", "--runtime", runtime),
         *("run", "--", "/bin/true"),
     ]
-    elapsed = _timed_subprocess(argv, f"corral run ({runtime})", env=bench.child_env)
+    served = {**bench.child_env, "CORRAL_CLI_SERVER": "require"}
+    elapsed = _timed_subprocess(argv, f"corral run ({runtime})", env=served)
     bench.record(f"{runtime}/cli", elapsed)
+    direct = {**bench.child_env, "CORRAL_CLI_SERVER": "0"}
+    elapsed = _timed_subprocess(argv, f"corral run, no server ({runtime})", env=direct)
+    bench.record(f"{runtime}/cli_direct", elapsed)
+
+
+def start_command_server(bench: Bench) -> None:
+    """Start the state dir's command server the way a first `corral` call does; wait."""
+    subprocess.run(
+        [str(VENV_BIN / "corral"), "--state-dir", str(bench.state_dir), "images", "ls"],
+        env={**bench.child_env, "CORRAL_CLI_SERVER": "1"},
+        capture_output=True,
+        check=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (bench.state_dir / SOCKET_NAME).exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the CLI command server did not come up within 60 s")
+        time.sleep(0.05)
 
 
 async def measure_python(bench: Bench, key: str, code: str) -> None:
@@ -352,6 +375,7 @@ def leaks(state_dir: Path, cgroup_parent: str) -> list[str]:
 def clean_up(state_dir: Path, bench: Bench | None) -> list[str]:
     """Sweep the state dir, check for leaks; remove the dir and our cgroup parent if clean."""
     raw = bench.raw if bench else {}
+    stop_server(state_dir)  # the CLI command server of this state dir, if one is up
     leftovers: set[str] = set()  # sandboxes still on disk or in the store (e.g. a killed CLI)
     if (state_dir / "sandboxes").is_dir():
         leftovers |= {p.name for p in (state_dir / "sandboxes").iterdir()}
@@ -409,7 +433,8 @@ def rows_for(runtimes: list[str]) -> list[Row]:
             rows.append(Row(f"{rt}/{layer}/total", f"{name}: create + exec + destroy", rt))
             for step in ("create", "exec", "destroy"):
                 rows.append(Row(f"{rt}/{layer}/{step}", f"  {step}", rt, detail=True))
-        rows.append(Row(f"{rt}/cli", "CLI `corral run -- /bin/true` (wall)", rt))
+        rows.append(Row(f"{rt}/cli", "CLI `corral run -- /bin/true` (wall, command server)", rt))
+        rows.append(Row(f"{rt}/cli_direct", "CLI, command server off (wall)", rt))
     rows.append(Row("python/pass", "`python -c pass` (wall)"))
     rows.append(Row("python/import_cli", "`python -c 'import corral.cli.main'` (wall)"))
     return rows
@@ -498,13 +523,17 @@ def cli_breakdown(summary: dict[str, dict[str, Any]], runtimes: list[str]) -> li
     imports = median["python/import_cli"] - start
     lines = []
     for rt in runtimes:
-        cli = median[f"{rt}/cli"]
         api = median[f"{rt}/manager/total"]
-        rest = cli - start - imports - api
+        direct = median[f"{rt}/cli_direct"]
+        served = median[f"{rt}/cli"]
         lines.append(
-            f"CLI {rt} {cli:.0f} ms ~ interpreter start {start:.0f} + import corral.cli.main"
-            f" {imports:.0f} + SandboxManager create/exec/destroy {api:.0f}"
-            f" + the rest {rest:.0f} (settings, store open, lazy imports, interpreter exit)"
+            f"CLI {rt}, server off: {direct:.0f} ms ~ interpreter start {start:.0f}"
+            f" + import corral.cli.main {imports:.0f} + SandboxManager create/exec/destroy"
+            f" {api:.0f} + the rest {direct - start - imports - api:.0f}"
+        )
+        lines.append(
+            f"CLI {rt}, command server: {served:.0f} ms ~ SandboxManager create/exec/destroy"
+            f" {api:.0f} + client start, fork and argument parsing {served - api:.0f}"
         )
     return lines
 
@@ -567,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         bench = open_bench(state_dir, runtimes, bytecode_cache=args.bytecode_cache)
+        start_command_server(bench)
         asyncio.run(run_rounds(bench, runtimes, args.runs, args.warmup))
     except KeyboardInterrupt:
         interrupted = True

@@ -18,7 +18,13 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "hello_unsafe.rs"
 
 
 def corral(state: Path, *args: str, stdin: bytes | None = None, timeout: float = 120):
-    env = {**os.environ, "CORRAL_STATE_DIR": str(state), "CORRAL_RUNTIME": "crun"}
+    # Direct mode: each call imports everything itself (test_cmdserver covers the server).
+    env = {
+        **os.environ,
+        "CORRAL_STATE_DIR": str(state),
+        "CORRAL_RUNTIME": "crun",
+        "CORRAL_CLI_SERVER": "0",
+    }
     return subprocess.run(
         [*CORRAL, *args], input=stdin, capture_output=True, env=env, timeout=timeout, check=False
     )

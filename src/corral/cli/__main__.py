@@ -1,5 +1,5 @@
-"""`python -m corral.cli` runs the CLI."""
+"""`python -m corral.cli` runs the CLI (through the command server when one is up)."""
 
-from corral.cli.main import main
+from corral.cli.launcher import main
 
 main()

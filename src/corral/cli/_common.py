@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
@@ -16,6 +17,7 @@ from corral.errors import CorralError, UserError
 
 if TYPE_CHECKING:
     from corral.runtime.manager import SandboxManager
+    from corral.store import Store
 
 T = TypeVar("T")
 
@@ -36,9 +38,12 @@ class CliState:
         from corral.store import Store
 
         settings = self.settings()
+        store = _STORES.get(settings.state_dir)
+        if store is None:
+            store = _STORES[settings.state_dir] = Store.for_state_dir(settings.state_dir)
         return SandboxManager(
             load_backend(settings),
-            Store.for_state_dir(settings.state_dir),
+            store,
             ImageStore(settings.state_dir / "images"),
             max_file_bytes=settings.max_file_bytes,
             default_runtime=settings.oci.runtime if settings.backend == "oci" else None,
@@ -46,6 +51,10 @@ class CliState:
 
 
 STATE = CliState()
+# Stores opened in this process, by state dir. The command server opens its store
+# before forking (engine built, migrations checked, pool emptied), so each forked
+# command starts with it ready and opens only its own connection.
+_STORES: dict[Path, Store] = {}
 
 
 def fail(error: CorralError, *, code: int = 1) -> NoReturn:

@@ -163,13 +163,17 @@ class Store:
         changes["updated_at"] = time.time()
         if "labels" in changes:
             changes["labels"] = json.dumps(dict(changes["labels"]), sort_keys=True)
+        statement = (
+            sandboxes.update()
+            .where(sandboxes.c.id == sandbox_id)
+            .values(**changes)
+            .returning(*sandboxes.c)
+        )
         with self._begin() as conn:
-            result = conn.execute(
-                sandboxes.update().where(sandboxes.c.id == sandbox_id).values(**changes)
-            )
-            if result.rowcount == 0:
-                raise NotFoundError(f"no sandbox '{sandbox_id}'", sandbox_id=sandbox_id)
-        return self.get(sandbox_id)
+            row = conn.execute(statement).first()
+        if row is None:
+            raise NotFoundError(f"no sandbox '{sandbox_id}'", sandbox_id=sandbox_id)
+        return _row_to_record(row)
 
     def delete(self, sandbox_id: str) -> None:
         with self._begin() as conn:
