@@ -39,14 +39,10 @@ def kill_session(sid: int) -> int:
     Children inherit the session even when re-parented, so this reaches a
     command's whole tree unless a member called setsid() itself.
     """
-    count = 0
-    for pid in session_members(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            count += 1
-        except ProcessLookupError:
-            pass
-    return count
+    members = session_members(sid)
+    for pid in members:
+        kill(pid)
+    return len(members)
 
 
 def has_environ_entry(pid: int, entry: bytes) -> bool:

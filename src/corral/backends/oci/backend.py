@@ -30,12 +30,12 @@ from corral.backends.base import (
     Capability,
     ExecEvent,
     ExecRequest,
-    ExitStatus,
     Output,
     SandboxConfig,
     SandboxStats,
 )
 from corral.backends.oci.bundle import UID_BASE, make_config, process_spec
+from corral.backends.oci.execution import exit_status, feed, ps_table, pump
 from corral.backends.oci.runtimes import RUNTIMES, OciRuntime, get_runtime
 from corral.errors import (
     BackendUnavailableError,
@@ -47,12 +47,9 @@ from corral.errors import (
 
 CONTAINER_PREFIX = "corral-"
 CGROUP_PARENT = "/corral"
-_CHUNK = 65536
 # Every process an exec starts inherits this variable: at a timeout, processes that
 # left the command's session (setsid) are still found by it in the sandbox's cgroup.
 EXEC_TOKEN_VAR = "CORRAL_EXEC_ID"
-# `runsc exec` exits 128 when the sandbox itself went away under the command.
-GVISOR_SANDBOX_DIED = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,11 +323,11 @@ class OciBackend(Backend):
         )
         queue: asyncio.Queue[Output | None] = asyncio.Queue()
         tasks = [
-            asyncio.create_task(_pump(proc.stdout, "stdout", queue)),
-            asyncio.create_task(_pump(proc.stderr, "stderr", queue)),
+            asyncio.create_task(pump(proc.stdout, "stdout", queue)),
+            asyncio.create_task(pump(proc.stderr, "stderr", queue)),
         ]
         if request.stdin is not None:
-            tasks.append(asyncio.create_task(_feed(proc, request.stdin)))
+            tasks.append(asyncio.create_task(feed(proc, request.stdin)))
         deadline = None if request.timeout is None else started + request.timeout
         timed_out = False
         finished = False
@@ -367,7 +364,7 @@ class OciBackend(Backend):
             process_file.unlink(missing_ok=True)
             pid_file.unlink(missing_ok=True)
         oom = cgroups.oom_kills(meta.cgroup) > oom_before
-        yield _exit_status(rc, runtime, request, stderr_tail, timed_out, oom, started)
+        yield exit_status(rc, runtime, request, stderr_tail, timed_out, oom, started)
 
     async def _kill_exec(
         self, runtime: OciRuntime, meta: _Meta, sid: int, pid_file: Path, token: str
@@ -393,7 +390,7 @@ class OciBackend(Backend):
         rc, out, _ = await _run(runtime.command(root, "ps", meta.container))
         tree = {command_pid}
         if rc == 0:
-            table = _ps_table(out.decode(errors="replace"))
+            table = ps_table(out.decode(errors="replace"))
             grew = True
             while grew:
                 grew = False
@@ -411,16 +408,6 @@ def _env_dict(pairs: list[str]) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs)
 
 
-def _ps_table(text: str) -> list[tuple[int, int]]:
-    """(pid, ppid) pairs from `runsc ps` (columns: UID PID PPID C STIME TIME CMD)."""
-    pairs = []
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 3 and fields[1].isdigit() and fields[2].isdigit():
-            pairs.append((int(fields[1]), int(fields[2])))
-    return pairs
-
-
 def _process_spec(meta: _Meta, request: ExecRequest, token: str) -> dict[str, Any]:
     return process_spec(
         uid=meta.uid,
@@ -429,72 +416,6 @@ def _process_spec(meta: _Meta, request: ExecRequest, token: str) -> dict[str, An
         env={**meta.env, **request.env, EXEC_TOKEN_VAR: token},
         cwd=request.cwd or meta.workdir,
     )
-
-
-def _exit_status(
-    rc: int,
-    runtime: OciRuntime,
-    request: ExecRequest,
-    stderr_tail: bytes,
-    timed_out: bool,
-    oom: bool,
-    started: float,
-) -> ExitStatus:
-    duration = time.monotonic() - started
-    if timed_out:
-        reason = f"timed out after {request.timeout:g}s; killed"
-        return ExitStatus(124, timed_out=True, oom_killed=oom, duration=duration, reason=reason)
-    sandbox_died = not runtime.in_kernel and rc == GVISOR_SANDBOX_DIED
-    if oom and (rc in (137, -9) or sandbox_died):
-        return ExitStatus(
-            137,
-            oom_killed=True,
-            duration=duration,
-            reason="killed: out of memory (the sandbox's memory limit)",
-        )
-    if rc < 0:
-        rc = 128 - rc
-    text = stderr_tail.decode(errors="replace")
-    if rc in (127, 128, 255) and runtime.missing_command.search(text):
-        return ExitStatus(127, duration=duration, reason=f"command not found: {request.argv[0]}")
-    if sandbox_died and not runtime.missing_command.search(text):
-        return ExitStatus(
-            rc,
-            duration=duration,
-            reason="the sandbox's gVisor kernel exited (e.g. it hit its pids limit)",
-        )
-    if rc == 137:
-        return ExitStatus(137, oom_killed=oom, duration=duration, reason="killed by SIGKILL")
-    if rc > 128:
-        name = _signal_name(rc - 128)
-        return ExitStatus(rc, duration=duration, reason=f"killed by {name}")
-    return ExitStatus(rc, oom_killed=oom, duration=duration)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-async def _pump(
-    stream: asyncio.StreamReader | None, name: str, queue: asyncio.Queue[Output | None]
-) -> None:
-    assert stream is not None
-    try:
-        while chunk := await stream.read(_CHUNK):
-            await queue.put(Output(name, chunk))  # type: ignore[arg-type]
-    finally:
-        await queue.put(None)
-
-
-async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
-    assert proc.stdin is not None
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        proc.stdin.write(data)
-        await proc.stdin.drain()
-        proc.stdin.close()
 
 
 async def _run(argv: list[str]) -> tuple[int, bytes, bytes]:
