@@ -85,6 +85,7 @@ def test_sandbox_outlives_the_cli_process(state_root: Path, tmp_path: Path) -> N
         assert [s["id"] for s in listed] == [sandbox]
         info = json.loads(corral(state_root, "inspect", sandbox, "--json").stdout)
         assert info["state"] == "running"
+        assert info["backend_status"] == "running"
         assert info["stats"]["memory_limit"] == 512 << 20
     finally:
         assert corral(state_root, "rm", sandbox).returncode == 0

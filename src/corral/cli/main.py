@@ -256,7 +256,10 @@ def inspect(sandbox: Annotated[str, typer.Argument()], json_out: JsonOpt = False
         manager = STATE.manager()
         record = manager.get(sandbox)
         data: dict[str, object] = record.to_json()
-        if record.state == "running":
+        # What the runtime says now: a sandbox can stop under its record (e.g. a
+        # gVisor sentry that hit its pids limit, or a host reboot).
+        data["backend_status"] = str(await manager.backend.status(record.id))
+        if record.state == "running" and data["backend_status"] == "running":
             from dataclasses import asdict
 
             data["stats"] = asdict(await manager.stats(record.id))

@@ -364,7 +364,10 @@ class OciBackend(Backend):
             process_file.unlink(missing_ok=True)
             pid_file.unlink(missing_ok=True)
         oom = cgroups.oom_kills(meta.cgroup) > oom_before
-        yield exit_status(rc, runtime, request, stderr_tail, timed_out, oom, started)
+        # A dying gVisor sentry can make `runsc exec` report any code, even 0: ask
+        # the runtime whether the sandbox is still there (~20 ms, runsc only).
+        gone = not runtime.in_kernel and await self.status(sandbox_id) != BackendStatus.RUNNING
+        yield exit_status(rc, runtime, request, stderr_tail, timed_out, oom, started, gone)
 
     async def _kill_exec(
         self, runtime: OciRuntime, meta: _Meta, sid: int, pid_file: Path, token: str

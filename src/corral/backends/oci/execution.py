@@ -33,12 +33,15 @@ def exit_status(
     timed_out: bool,
     oom: bool,
     started: float,
+    sandbox_gone: bool = False,
 ) -> ExitStatus:
+    """Name how a command ended. `sandbox_gone`: the sandbox itself stopped under it
+    (gVisor's sentry died), whatever code the runtime reported for the command."""
     duration = time.monotonic() - started
     if timed_out:
         reason = f"timed out after {request.timeout:g}s; killed"
         return ExitStatus(124, timed_out=True, oom_killed=oom, duration=duration, reason=reason)
-    sandbox_died = not runtime.in_kernel and rc == GVISOR_SANDBOX_DIED
+    sandbox_died = sandbox_gone or (not runtime.in_kernel and rc == GVISOR_SANDBOX_DIED)
     if oom and (rc in (137, -9) or sandbox_died):
         return ExitStatus(
             137,
@@ -53,7 +56,7 @@ def exit_status(
         return ExitStatus(127, duration=duration, reason=f"command not found: {request.argv[0]}")
     if sandbox_died and not runtime.missing_command.search(text):
         return ExitStatus(
-            rc,
+            rc or GVISOR_SANDBOX_DIED,
             duration=duration,
             reason="the sandbox's gVisor kernel exited (e.g. it hit its pids limit)",
         )
