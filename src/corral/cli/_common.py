@@ -75,21 +75,19 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def parse_env(pairs: list[str] | None) -> dict[str, str]:
-    env: dict[str, str] = {}
+def _parse_pairs(pairs: list[str] | None, option: str, form: str, example: str) -> dict[str, str]:
+    parsed: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            fail(UserError(f"--env '{pair}' is not NAME=VALUE", hint="e.g. --env RUST_LOG=debug"))
-        env[key] = value
-    return env
+            raise UserError(f"{option} '{pair}' is not {form}", hint=f"e.g. {option} {example}")
+        parsed[key] = value
+    return parsed
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    return _parse_pairs(pairs, "--env", "NAME=VALUE", "RUST_LOG=debug")
 
 
 def parse_labels(pairs: list[str] | None) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            fail(UserError(f"--label '{pair}' is not KEY=VALUE", hint="e.g. --label team=infra"))
-        labels[key] = value
-    return labels
+    return _parse_pairs(pairs, "--label", "KEY=VALUE", "team=infra")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from typer._click.core import Command as ClickCommand
 
     from corral.backends.base import ExecEvent
+    from corral.store import SandboxRecord
 
 app = typer.Typer(
     name="corral",
@@ -80,13 +81,17 @@ async def _stream(events: AsyncIterator[ExecEvent]) -> int:
 def _split_put(spec: str) -> tuple[Path, str]:
     local, sep, remote = spec.rpartition(":")
     if not sep or not local or not remote.startswith("/"):
-        fail(
-            UserError(
-                f"--put '{spec}' is not LOCAL:/sandbox/path",
-                hint="e.g. --put main.rs:/work/main.rs",
-            )
+        raise UserError(
+            f"--put '{spec}' is not LOCAL:/sandbox/path", hint="e.g. --put main.rs:/work/main.rs"
         )
     return Path(local), remote
+
+
+def _read_local(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}': {exc.strerror}", hint="check the path") from None
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -108,17 +113,17 @@ def run(
     label: LabelOpt = None,
 ) -> None:
     """Run COMMAND in a fresh sandbox, stream its output, destroy it, exit with its status."""
-    env_map, labels = parse_env(env), parse_labels(label)
-    files = [_split_put(spec) for spec in put or []]
 
     async def go() -> int:
+        env_map, labels = parse_env(env), parse_labels(label)
+        files = [_split_put(spec) for spec in put or []]
         manager = STATE.manager()
         record = await manager.create(
             template, memory=memory, cpus=cpus, pids=pids, disk=disk, timeout=timeout, labels=labels
         )
         try:
             for local, remote in files:
-                await manager.put_file(record.id, remote, local.read_bytes())
+                await manager.put_file(record.id, remote, _read_local(local))
             events = manager.exec_stream(
                 record.id, command, env=env_map, cwd=workdir, timeout=timeout
             )
@@ -144,8 +149,9 @@ def create(
     json_out: JsonOpt = False,
 ) -> None:
     """Create a sandbox that stays up; prints its id."""
-    record = run_async(
-        STATE.manager().create(
+
+    async def go() -> SandboxRecord:
+        return await STATE.manager().create(
             template,
             memory=memory,
             cpus=cpus,
@@ -158,7 +164,8 @@ def create(
             name=name,
             progress=True,
         )
-    )
+
+    record = run_async(go())
     if json_out:
         print_json(record.to_json())
     else:
@@ -228,7 +235,10 @@ def ls(
     state: Annotated[Optional[str], typer.Option(help="Only sandboxes in this state.")] = None,  # noqa: UP045
 ) -> None:
     """List sandboxes."""
-    labels = parse_labels(label)
+    try:
+        labels = parse_labels(label)
+    except UserError as error:
+        fail(error)
     first = next(iter(labels.items()), None)
     records = STATE.manager().list(states=(state,) if state else None, label=first)
     if json_out:
