@@ -109,6 +109,12 @@ def test_bad_input_is_refused_clearly(state_root: Path, tmp_path: Path) -> None:
     r = corral(state_root, "run")
     assert r.returncode == 2
     assert "Missing argument" in r.stderr.decode()
+    r = corral(state_root, "run", "--env", "NOEQUALS", "--", "true")
+    assert r.returncode == 125
+    assert "--env 'NOEQUALS' is not NAME=VALUE" in r.stderr.decode()
+    r = corral(state_root, "run", "--put", f"{tmp_path}/missing:/work/x", "--", "true")
+    assert r.returncode == 125
+    assert "cannot read" in r.stderr.decode()
     big = tmp_path / "big.bin"
     big.write_bytes(b"\0" * (65 << 20))
     r = corral(state_root, "run", "--put", f"{big}:/work/big", "--", "true")
