@@ -26,13 +26,18 @@ def _store() -> ImageStore:
 def build(
     template: Annotated[str, typer.Argument(help="Built-in name or .toml path.")] = "default",
     force: Annotated[bool, typer.Option(help="Rebuild even when cached.")] = False,
+    builder: Annotated[
+        str, typer.Option(help="default (the template's base) or nix (the flake's output).")
+    ] = "default",
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Realize TEMPLATE into a rootfs and an OCI image layout (cached by content)."""
     from corral.spec.template import load_template
 
     try:
-        image = _store().build(load_template(template), force=force, progress=not json_out)
+        image = _store().build(
+            load_template(template), force=force, progress=not json_out, builder=builder
+        )
     except CorralError as error:
         fail(error)
     if json_out:

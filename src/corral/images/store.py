@@ -91,13 +91,13 @@ class ImageStore:
         self.root = root
         self.epoch = oci_layout.source_date_epoch(environ)
 
-    def key(self, template: Template) -> str:
+    def key(self, template: Template, builder: str = "default") -> str:
         """The cache key of `template` on this host, now."""
         inputs = {
             "format": _FORMAT,
             "image": template.image_key(),
             "base": template.base,
-            "base_inputs": rootfs.builder_for(template).inputs(),
+            "base_inputs": _builder(template, builder).inputs(),
             "epoch": self.epoch,
         }
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -106,13 +106,20 @@ class ImageStore:
         """The cached image for `template`, or None when it needs a build."""
         return self._load(self.key(template))
 
-    def build(self, template: Template, *, force: bool = False, progress: bool = False) -> Image:
+    def build(
+        self,
+        template: Template,
+        *,
+        force: bool = False,
+        progress: bool = False,
+        builder: str = "default",
+    ) -> Image:
         """The image for `template`: cached, or built now (always when `force`).
 
         On failure (ImageBuildError) nothing is left under the root but the
         lock file; a cached image of the same key stays as it was.
         """
-        key = self.key(template)
+        key = self.key(template, builder)
         if not force and (cached := self._load(key)) is not None:
             return self._add_name(cached, template.name)
         with self._lock(key):
@@ -121,7 +128,7 @@ class ImageStore:
             for stale in self.root.glob(f".*-{key}-*"):  # left by a killed builder
                 rootfs.remove_tree(stale)
             with _progress(progress, f"building image '{template.name}'") as log:
-                return self._build_locked(template, key, log)
+                return self._build_locked(template, key, log, _builder(template, builder))
 
     def list(self) -> builtins.list[Image]:
         """Every image in the store, oldest first."""
@@ -150,13 +157,14 @@ class ImageStore:
     def ref(self, image: Image) -> ImageRef:
         return image.to_ref()  # here too, for callers that hold the store, not the image
 
-    def _build_locked(self, template: Template, key: str, log: rootfs.Log) -> Image:
+    def _build_locked(
+        self, template: Template, key: str, log: rootfs.Log, builder: rootfs.BaseBuilder
+    ) -> Image:
         started = time.monotonic()
         temp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root))
         temp.chmod(0o755)  # mkdtemp's 0700 would hide the rootfs from a user-namespaced runtime
         final, old = self.root / key, None
         try:
-            builder = rootfs.builder_for(template)
             builder.populate(temp / "rootfs", log, self.epoch)
             log("adding accounts, mount points and files")
             skeleton.write_skeleton(temp / "rootfs", template)
@@ -239,6 +247,20 @@ class ImageStore:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+
+BUILDERS = ("default", "nix")
+
+
+def _builder(template: Template, name: str) -> rootfs.BaseBuilder:
+    """`default`: the template's base (host, busybox, Debian); `nix`: the flake's output."""
+    if name == "default":
+        return rootfs.builder_for(template)
+    if name == "nix":
+        from corral.images.nix import NixBuilder
+
+        return NixBuilder(template)
+    raise ImageBuildError(f"unknown image builder '{name}'", hint="use one of: default, nix")
 
 
 def _image_env(template: Template) -> dict[str, str]:
