@@ -66,7 +66,9 @@ class NixBuilder:
                 "no Corral flake found for the nix builder",
                 hint="set CORRAL_FLAKE to a checkout of the Corral repository (it has flake.nix)",
             )
-        target = f"path:{self.flake}#{self.attribute}"
+        # A plain directory reference: in a git checkout Nix copies only tracked files
+        # (a "path:" reference would copy .venv and all).
+        target = f"{self.flake}#{self.attribute}"
         log(f"nix build {target}")
         proc = subprocess.run(
             [nix, *NIX_FEATURES, "build", "--no-link", "--json", target],

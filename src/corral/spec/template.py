@@ -44,9 +44,9 @@ __all__ = [
 
 BASES = ("host", "debian:bookworm", "busybox")
 BUILTIN_TEMPLATES = ("default", "rust")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 
 
 class Isolation(StrEnum):
@@ -80,7 +80,7 @@ class Resources(_Strict):
     @field_validator("cpuset")
     @classmethod
     def _cpuset_syntax(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value):
+        if value is not None and not re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", value):
             raise ValueError(f"'{value}' is not a CPU list like '0', '0-1' or '0,2'")
         return value
 
@@ -154,7 +154,7 @@ class Template(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise ValueError(f"'{value}' is not a name: use a-z, 0-9, '.', '_', '-' (max 63)")
         return value
 
@@ -169,7 +169,7 @@ class Template(_Strict):
     @classmethod
     def _packages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for package in value:
-            if not _PACKAGE.match(package):
+            if not _PACKAGE.fullmatch(package):
                 raise ValueError(f"'{package}' is not a Debian package name")
         return tuple(sorted(set(value)))
 
@@ -177,7 +177,7 @@ class Template(_Strict):
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not _ENV_NAME.match(key):
+            if not _ENV_NAME.fullmatch(key):
                 raise ValueError(f"'{key}' is not an environment variable name")
         return dict(sorted(value.items()))
 
@@ -240,7 +240,7 @@ _HINTS: dict[str, str] = {
 def _absolute_path(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError(f"'{value}' must be an absolute path")
-    path = PurePosixPath(value)
+    path = PurePosixPath("/" + value.lstrip("/"))  # POSIX would keep a leading "//"
     if ".." in path.parts:
         raise ValueError(f"'{value}' must not contain '..'")
     return str(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE | re.ASCII)
 
 
 def parse_size(value: str | int) -> int:
@@ -13,7 +13,7 @@ def parse_size(value: str | int) -> int:
 
     Raises ValueError with the accepted forms when `value` is not a size.
     """
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, str | int):
         raise ValueError("a size must be a number of bytes or a string like '512M'")
     if isinstance(value, int):
         if value < 0:
@@ -23,7 +23,10 @@ def parse_size(value: str | int) -> int:
     if match is None:
         raise ValueError(f"'{value}' is not a size: use bytes or a number with K, M, G or T")
     number, unit = match.groups()
-    return int(float(number) * _UNITS[unit.lower()])
+    try:
+        return int(float(number) * _UNITS[unit.lower()])
+    except OverflowError:
+        raise ValueError(f"'{value}' is too large a size") from None
 
 
 def format_size(n: int) -> str:
