@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -21,10 +22,15 @@ import pytest
 from corral._sys import cgroups, mounts
 from corral.backends.base import Backend, HostMount, ImageRef, SandboxConfig, SandboxLimits
 from corral.backends.oci import OciBackend
+from corral.backends.podman import PodmanBackend
 from corral.images import ImageStore
 from corral.spec.template import load_template
 
 RUNTIMES = ("crun", "runc", "runsc")
+# The podman backend on each runtime, as `harness` parameters ("podman/<runtime>").
+PODMAN_HARNESSES = tuple(f"podman/{runtime}" for runtime in RUNTIMES)
+# Test modules whose `harness` also runs on podman (the others stay on the oci backend).
+PODMAN_SUITES = ("tests.test_conformance",)
 TEST_LABEL = {"corral.test": "1"}
 
 
@@ -71,6 +77,12 @@ class Harness:
     host_mounts: tuple[HostMount, ...]
     runtime: str | None = None
     created: list[str] = field(default_factory=list)
+    state_dir: Path | None = None
+
+    def reopen(self) -> Backend:
+        """A second instance of the backend on the same state dir (as another process has)."""
+        assert self.state_dir is not None
+        return type(self.backend)(self.state_dir, runtime=self.runtime or "crun")  # type: ignore[call-arg]
 
     def config(self, **overrides: Any) -> SandboxConfig:
         sandbox_id = overrides.pop("sandbox_id", "sb-t" + secrets.token_hex(5))
@@ -112,12 +124,38 @@ def state_root() -> Iterator[Path]:
     sandboxes = root / "sandboxes"
     if sandboxes.is_dir() and any(sandboxes.iterdir()):
         leaks.append(f"sandbox dirs: {sorted(p.name for p in sandboxes.iterdir())}")
+    left_containers = _podman_containers(root)
+    if left_containers:
+        leaks.append(f"podman containers: {left_containers}")
     new_inits = _sandbox_inits() - inits_before
     if new_inits:
         leaks.append(f"sandbox processes: {sorted(new_inits)}")
     assert not leaks, "leaked after module: " + "; ".join(leaks)
     cgroups.remove(cgroup_parent)  # the install's now-empty parent
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _podman_containers(state_dir: Path) -> list[str]:
+    """Sandbox containers in the podman backend's storage under `state_dir`."""
+    podman = PodmanBackend(state_dir).podman
+    if not podman.storage_conf.exists():
+        return []
+    listed = subprocess.run(
+        [
+            "podman",
+            "ps",
+            "--all",
+            "--filter",
+            "label=io.corral.sandbox-id",
+            "--format",
+            "{{.Names}}",
+        ],
+        env=podman.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return listed.stdout.split() if listed.returncode == 0 else [f"podman ps: {listed.stderr}"]
 
 
 def _sandbox_inits() -> set[int]:
@@ -135,17 +173,45 @@ def _sandbox_inits() -> set[int]:
     return found
 
 
-@pytest.fixture(params=RUNTIMES)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`harness` runs on oci/<runtime>, and on podman/<runtime> in PODMAN_SUITES."""
+    if "harness" in metafunc.fixturenames and not _parametrizes_harness(metafunc):
+        podman = metafunc.module.__name__ in PODMAN_SUITES
+        params = [*RUNTIMES, *PODMAN_HARNESSES] if podman else list(RUNTIMES)
+        metafunc.parametrize("harness", params, indirect=True)
+
+
+# Shared tests that still name the oci backend where they mean "this backend".
+def _parametrizes_harness(metafunc: pytest.Metafunc) -> bool:
+    """True when the test picks its own harness parameters (@parametrize(..., indirect))."""
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if isinstance(names, str):
+            names = [name.strip() for name in names.split(",")]
+        if "harness" in names:
+            return True
+    return False
+
+
+@pytest.fixture
 async def harness(
     request: pytest.FixtureRequest, state_root: Path, default_image: Any
 ) -> AsyncIterator[Harness]:
-    """The oci backend on each real runtime; every sandbox is destroyed afterwards."""
+    """A real backend on each real runtime: oci/<runtime> ("crun", "runc", "runsc") and,
+    for PODMAN_SUITES, podman/<runtime>. Every sandbox is destroyed afterwards."""
     require_root()
-    runtime = request.param
+    backend_name, _, runtime = str(request.param).rpartition("/")
     require_binary(runtime)
     require_binary("catatonit")
-    backend = OciBackend(state_root, runtime=runtime)
-    h = Harness(backend, default_image.to_ref(), tuple(default_image.host_mounts), runtime)
+    backend: Backend
+    if backend_name == "podman":
+        require_binary("podman")
+        backend = PodmanBackend(state_root, runtime=runtime)
+    else:
+        backend = OciBackend(state_root, runtime=runtime)
+    h = Harness(
+        backend, default_image.to_ref(), tuple(default_image.host_mounts), runtime, [], state_root
+    )
     yield h
     for sandbox_id in h.created:
         await backend.destroy(sandbox_id)

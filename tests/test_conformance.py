@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from corral.backends.base import BackendStatus, Capability, ExecRequest, ExitStatus, Output
-from corral.backends.oci import OciBackend
 from corral.errors import FileTooLargeError, NotFoundError, SandboxStartError
 from tests.conftest import Harness
 
@@ -137,7 +136,7 @@ async def test_stats_report_limits(harness: Harness) -> None:
 
 async def test_sandbox_outlives_its_creator(harness: Harness, state_root: Path) -> None:
     sid = await harness.sandbox()
-    other = OciBackend(state_root, runtime="crun")  # a new process would look just like this
+    other = harness.reopen()  # a new process would look just like this
     result = await other.exec(sid, sh("echo still here"))
     assert result.stdout == b"still here\n"
     await other.destroy(sid)

@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,6 +25,11 @@ class OciSettings(BaseModel):
     runtime: str = "crun"
 
 
+class PodmanSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    runtime: Literal["crun", "runc", "runsc"] = "crun"
+
+
 class Settings(BaseModel):
     """Corral's configuration; each backend owns its own section."""
 
@@ -34,6 +39,7 @@ class Settings(BaseModel):
     default_template: str = "default"
     max_file_bytes: int = Field(default=64 << 20, ge=1)
     oci: OciSettings = OciSettings()
+    podman: PodmanSettings = PodmanSettings()
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -48,15 +54,18 @@ class Settings(BaseModel):
         for key, field in (("CORRAL_STATE_DIR", "state_dir"), ("CORRAL_BACKEND", "backend")):
             if env.get(key):
                 data[field] = env[key]
-        if env.get("CORRAL_RUNTIME"):
-            data.setdefault("oci", {})["runtime"] = env["CORRAL_RUNTIME"]
+        runtime = env.get("CORRAL_RUNTIME") or None
         for key, value in overrides.items():
             if value is None:
                 continue
             if key == "runtime":
-                data.setdefault("oci", {})["runtime"] = value
+                runtime = value
             else:
                 data[key] = value
+        if runtime:
+            # The runtime belongs to the section of the backend in use (oci by default).
+            section = "podman" if data.get("backend") == "podman" else "oci"
+            data.setdefault(section, {})["runtime"] = runtime
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

@@ -8,7 +8,7 @@ from corral.backends.base import Backend
 from corral.config import Settings
 from corral.errors import BackendUnavailableError
 
-BUILTIN = ("oci", "fake")
+BUILTIN = ("oci", "podman", "fake")
 
 
 def available_backends() -> list[str]:
@@ -24,6 +24,10 @@ def load_backend(settings: Settings, name: str | None = None) -> Backend:
         from corral.backends.oci import OciBackend
 
         return OciBackend(settings.state_dir, runtime=settings.oci.runtime)
+    if name == "podman":
+        from corral.backends.podman import PodmanBackend
+
+        return PodmanBackend(settings.state_dir, runtime=settings.podman.runtime)
     if name == "fake":
         from corral.backends.fake import FakeBackend
 

@@ -103,7 +103,7 @@ class OciBackend(Backend):
             ) from None
         return _Meta(**data)
 
-    def _ensure_support(self) -> str:
+    def ensure_support(self) -> str:
         """The read-only dir bound at /.corral: the idle init (catatonit)."""
         init = self.support_dir / "init"
         if not init.exists():
@@ -168,7 +168,7 @@ class OciBackend(Backend):
         spec = make_config(
             config,
             scratch=str(scratch),
-            support_dir=self._ensure_support(),
+            support_dir=self.ensure_support(),
             cgroup_path=cgroup,
             user_namespace=userns,
         )
@@ -222,7 +222,7 @@ class OciBackend(Backend):
                     runtime.command(self._root(runtime), "delete", runtime.force_flag, container)
                 )
         cgroup = meta.cgroup if meta else f"{self.cgroup_parent}/{sandbox_id}"
-        await _release_cgroup(cgroup)
+        await release_cgroup(cgroup)
         for point in mounts.mounts_under(sandbox_dir):
             mounts.unmount(point)
         shutil.rmtree(sandbox_dir, ignore_errors=True)
@@ -432,7 +432,7 @@ async def _run(argv: list[str]) -> tuple[int, bytes, bytes]:
     return proc.returncode or 0, out, err
 
 
-async def _release_cgroup(cgroup: str) -> None:
+async def release_cgroup(cgroup: str) -> None:
     """Kill whatever still runs in the cgroup, then remove it (retrying while it drains)."""
     for _attempt in range(50):
         dirs = cgroups.cgroup_dirs(cgroup)

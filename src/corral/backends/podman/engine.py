@@ -1,0 +1,157 @@
+"""Corral's own Podman: config files under the state dir and the CLI run against them.
+
+Every podman call gets CONTAINERS_CONF and CONTAINERS_STORAGE_CONF pointing at
+`<state>/podman/`, so Corral never reads or edits the host's /etc/containers
+files and two Corral installs on one host never see each other's containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.backends.oci.bundle import NOFILE
+from corral.errors import BackendUnavailableError
+
+# Podman's rootful default (nofile/nproc 1048576) fails under our hard nofile limit
+# of 20000 (DESIGN.md). A --ulimit flag replaces the whole default list, so every
+# container gets both explicitly.
+NPROC = 4096
+ULIMITS = (f"nofile={NOFILE}:{NOFILE}", f"nproc={NPROC}:{NPROC}", "core=0:0")
+
+# Debian's runsc (2022) misdetects the root netns on new kernels and its KVM
+# platform hangs here: podman runs it through a wrapper that adds these flags.
+RUNSC_FLAGS = ("--network=none", "--platform=ptrace")
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def error(self) -> str:
+        return self.stderr.decode(errors="replace").strip()[-1000:]
+
+
+class Podman:
+    """The podman CLI bound to Corral's configuration under `<state_dir>/podman`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.home = Path(state_dir) / "podman"
+        self.storage_conf = self.home / "storage.conf"
+        self.containers_conf = self.home / "containers.conf"
+        self._ready = False
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CONTAINERS_CONF": str(self.containers_conf),
+            "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
+        }
+
+    def binary(self) -> str:
+        path = shutil.which("podman")
+        if path is None:
+            raise BackendUnavailableError(
+                "podman is not installed",
+                backend="podman",
+                hint="apt-get install podman fuse-overlayfs slirp4netns uidmap "
+                "(or run scripts/setup)",
+            )
+        return path
+
+    def ensure_config(self) -> None:
+        """Write Corral's storage.conf, containers.conf and runsc wrapper (idempotent)."""
+        if self._ready:
+            return
+        self.home.mkdir(parents=True, exist_ok=True)
+        wrapper = self.home / "bin" / "runsc"
+        files = {
+            self.storage_conf: storage_conf(self.home),
+            self.containers_conf: containers_conf(self.home, runsc=wrapper),
+            self.home / "policy.json": POLICY,
+            wrapper: runsc_wrapper(),
+        }
+        for path, text in files.items():
+            _write_if_changed(path, text, mode=0o755 if path == wrapper else 0o644)
+        self._ready = True
+
+    def command(self, *args: str) -> list[str]:
+        self.ensure_config()
+        return [self.binary(), *args]
+
+    async def run(self, *args: str) -> Completed:
+        proc = await asyncio.create_subprocess_exec(
+            *self.command(*args),
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        return Completed(proc.returncode or 0, out, err)
+
+
+def storage_conf(home: Path) -> str:
+    # skip_mount_home: c/storage would otherwise keep a private bind mount of
+    # graphroot/overlay for as long as the host runs.
+    return (
+        "[storage]\n"
+        'driver = "overlay"\n'
+        f'graphroot = "{home / "storage"}"\n'
+        f'runroot = "{home / "run"}"\n'
+        "\n[storage.options.overlay]\n"
+        'skip_mount_home = "true"\n'
+    )
+
+
+def containers_conf(home: Path, *, runsc: Path) -> str:
+    ulimits = ", ".join(f'"{u}"' for u in ULIMITS)
+    return (
+        "[containers]\n"
+        f"default_ulimits = [{ulimits}]\n"
+        'netns = "none"\n'
+        'log_driver = "k8s-file"\n'
+        "\n[engine]\n"
+        'cgroup_manager = "cgroupfs"\n'
+        'events_logger = "file"\n'
+        f'events_logfile_path = "{home / "events.log"}"\n'
+        f'tmp_dir = "{home / "tmp"}"\n'
+        'runtime = "crun"\n'
+        "\n[engine.runtimes]\n"
+        'crun = ["/usr/bin/crun", "/usr/local/bin/crun"]\n'
+        'runc = ["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/bin/runc"]\n'
+        f'runsc = ["{runsc}"]\n'
+        "\n[network]\n"
+        f'network_config_dir = "{home / "networks"}"\n'
+    )
+
+
+def runsc_wrapper() -> str:
+    runsc = shutil.which("runsc") or "/usr/bin/runsc"
+    return f'#!/bin/sh\nexec {runsc} {" ".join(RUNSC_FLAGS)} "$@"\n'
+
+
+# Images come only from Corral's own OCI layouts, so no signature policy applies.
+POLICY = json.dumps({"default": [{"type": "insecureAcceptAnything"}]}) + "\n"
+
+
+def _write_if_changed(path: Path, text: str, *, mode: int) -> None:
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    temp.write_text(text)
+    temp.chmod(mode)
+    os.replace(temp, path)

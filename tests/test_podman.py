@@ -1,0 +1,158 @@
+"""What the podman backend adds over the conformance suite: Podman's own view.
+
+Operators' tooling (`podman ps`, `podman inspect`) sees Corral's sandboxes when
+pointed at Corral's config; that config lives under the state dir only; a
+failed start leaves no container behind. The conformance suite covers the
+backend verbs on crun, runc and runsc (conftest.PODMAN_SUITES).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.backends.base import BackendStatus, ExecRequest, HostMount, SandboxLimits
+from corral.backends.podman import PodmanBackend
+from corral.backends.podman.images import IMAGE_REPOSITORY
+from corral.errors import SandboxStartError
+from tests.conftest import Harness, require_binary, require_root
+
+pytestmark = pytest.mark.runtime
+
+
+@pytest.fixture
+async def podman(state_root: Path, default_image: Any) -> AsyncIterator[Harness]:
+    require_root()
+    for binary in ("podman", "crun", "catatonit"):
+        require_binary(binary)
+    backend = PodmanBackend(state_root, runtime="crun")
+    h = Harness(
+        backend, default_image.to_ref(), tuple(default_image.host_mounts), "crun", [], state_root
+    )
+    yield h
+    for sandbox_id in h.created:
+        await backend.destroy(sandbox_id)
+
+
+def podman_cli(backend: PodmanBackend, *args: str) -> subprocess.CompletedProcess[str]:
+    """The podman CLI as an operator runs it against Corral's config."""
+    return subprocess.run(
+        ["podman", *args], env=backend.podman.env, capture_output=True, text=True, check=False
+    )
+
+
+def inspect(backend: PodmanBackend, sandbox_id: str) -> dict[str, Any]:
+    done = podman_cli(backend, "container", "inspect", f"corral-{sandbox_id}")
+    assert done.returncode == 0, done.stderr
+    entry: dict[str, Any] = json.loads(done.stdout)[0]
+    return entry
+
+
+def containers_with_label(backend: PodmanBackend, sandbox_id: str) -> list[str]:
+    done = podman_cli(
+        backend,
+        *("ps", "--all", "--filter", f"label=io.corral.sandbox-id={sandbox_id}"),
+        *("--format", "{{.Names}}"),
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+async def test_podman_ps_shows_the_sandbox_with_its_labels(podman: Harness) -> None:
+    assert isinstance(podman.backend, PodmanBackend)
+    sid = await podman.sandbox(labels={"tenant": "acme", "corral.test": "1"})
+    assert containers_with_label(podman.backend, sid) == [f"corral-{sid}"]
+    labels = inspect(podman.backend, sid)["Config"]["Labels"]
+    assert labels["io.corral.sandbox-id"] == sid
+    assert labels["io.corral.tenant"] == "acme"
+    await podman.backend.destroy(sid)
+    assert containers_with_label(podman.backend, sid) == []
+
+
+async def test_limits_and_lockdown_are_visible_in_podman_inspect(podman: Harness) -> None:
+    assert isinstance(podman.backend, PodmanBackend)
+    limits = SandboxLimits(vcpus=0.5, memory=200 << 20, pids=100, disk=32 << 20, cpuset="0")
+    sid = await podman.sandbox(limits=limits)
+    info = inspect(podman.backend, sid)
+    host = info["HostConfig"]
+    assert host["Memory"] == 200 << 20
+    assert host["MemorySwap"] == 200 << 20, "no swap beyond the memory limit"
+    assert host["PidsLimit"] == 100
+    assert host["NanoCpus"] == 500_000_000
+    assert host["CpusetCpus"] == "0"
+    assert host["ReadonlyRootfs"] is True
+    assert host["NetworkMode"] == "none"
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert "CAP_SYS_CHROOT" in host["CapDrop"]
+    ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
+    assert ulimits["RLIMIT_NOFILE"] == (4096, 4096)
+    assert ulimits["RLIMIT_NPROC"][1] <= 20000
+    assert info["Config"]["User"] == "1000:1000"
+    stats = await podman.backend.stats(sid)
+    assert (stats.memory_limit, stats.pids_limit) == (200 << 20, 100)
+    result = await podman.backend.exec(sid, ExecRequest(["/bin/sh", "-c", "ulimit -n; id -u"]))
+    assert result.stdout == b"4096\n1000\n"
+
+
+async def test_failed_start_leaves_no_container(podman: Harness, state_root: Path) -> None:
+    # The runtime cannot bind a file over a directory: podman has already created
+    # the container when the start fails (the case that leaks a Created container).
+    mounts = [*podman.host_mounts, HostMount(Path("/etc/hostname"), "/etc")]
+    config = podman.config(mounts=mounts)
+    with pytest.raises(SandboxStartError) as info:
+        await podman.backend.create(config)
+    assert info.value.stderr_tail
+    assert isinstance(podman.backend, PodmanBackend)
+    assert containers_with_label(podman.backend, config.sandbox_id) == []
+    assert await podman.backend.status(config.sandbox_id) == BackendStatus.MISSING
+    assert not (state_root / "sandboxes" / config.sandbox_id).exists()
+    await podman.backend.destroy(config.sandbox_id)  # still harmless
+
+
+async def test_config_lives_under_the_state_dir(podman: Harness, state_root: Path) -> None:
+    assert isinstance(podman.backend, PodmanBackend)
+    host_config = Path("/etc/containers")
+    before = tree_digest(host_config) if host_config.exists() else None
+    sid = await podman.sandbox()
+    assert (await podman.backend.exec(sid, ExecRequest(["/bin/true"]))).ok
+    home = state_root / "podman"
+    assert (home / "storage.conf").is_file()
+    assert (home / "containers.conf").is_file()
+    done = podman_cli(podman.backend, "info", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["store"]["graphRoot"] == str(home / "storage")
+    assert info["store"]["graphDriverName"] == "overlay"
+    assert info["host"]["cgroupManager"] == "cgroupfs"
+    after = tree_digest(host_config) if host_config.exists() else None
+    assert before == after, "the host's /etc/containers must stay as it was"
+    assert os.environ.get("CONTAINERS_CONF") is None, "the test process's env is untouched"
+
+
+async def test_image_is_loaded_once_per_digest(podman: Harness) -> None:
+    assert isinstance(podman.backend, PodmanBackend)
+    first = await podman.sandbox()
+    second = PodmanBackend(podman.backend.state_dir)  # a new process: no in-memory cache
+    podman.created.append("sb-t-second")
+    await second.create(podman.config(sandbox_id="sb-t-second"))
+    done = podman_cli(podman.backend, "images", "--format", "{{.Repository}}:{{.Tag}}")
+    tag = podman.image.digest.removeprefix("sha256:")
+    assert done.stdout.split() == [f"{IMAGE_REPOSITORY}:{tag}"]
+    for sid in (first, "sb-t-second"):
+        assert (await second.exec(sid, ExecRequest(["/bin/true"]))).ok
