@@ -17,14 +17,18 @@ CORRAL = [sys.executable, "-m", "corral.cli"]
 EXAMPLE = Path(__file__).parent.parent / "examples" / "hello_unsafe.rs"
 
 
-def corral(state: Path, *args: str, stdin: bytes | None = None, timeout: float = 120):
+def corral(
+    state: Path,
+    *args: str,
+    stdin: bytes | None = None,
+    timeout: float = 120,
+    runtime: str | None = "crun",
+):
     # Direct mode: each call imports everything itself (test_cmdserver covers the server).
-    env = {
-        **os.environ,
-        "CORRAL_STATE_DIR": str(state),
-        "CORRAL_RUNTIME": "crun",
-        "CORRAL_CLI_SERVER": "0",
-    }
+    env = {**os.environ, "CORRAL_STATE_DIR": str(state), "CORRAL_CLI_SERVER": "0"}
+    env.pop("CORRAL_RUNTIME", None)
+    if runtime is not None:
+        env["CORRAL_RUNTIME"] = runtime
     return subprocess.run(
         [*CORRAL, *args], input=stdin, capture_output=True, env=env, timeout=timeout, check=False
     )
@@ -158,3 +162,16 @@ def test_doctor_json(state_root: Path) -> None:
     checks = {c["name"]: c for c in json.loads(r.stdout)}
     assert checks["crun"]["status"] == "ok"
     assert "cgroups" in checks
+
+
+def test_template_isolation_picks_and_limits_the_runtime(state_root: Path, tmp_path: Path) -> None:
+    template = tmp_path / "hardened.toml"
+    template.write_text('name = "hardened"\nisolation = ["gvisor"]\n')
+    host_kernel = Path("/proc/version").read_text()
+    r = corral(state_root, "run", "--template", str(template), "--", "cat", "/proc/version",
+               runtime=None)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() != host_kernel, "a gvisor-only template must run under gVisor"
+    r = corral(state_root, "run", "--template", str(template), "--", "true", runtime="crun")
+    assert r.returncode == 125
+    assert "does not allow isolation 'container'" in r.stderr.decode()

@@ -100,6 +100,12 @@ async def test_isolation_policy(manager: SandboxManager) -> None:
         await manager.create(gvisor_only, runtime="crun")
     record = await manager.create(gvisor_only, runtime="runsc")
     assert record.runtime == "runsc"
+    # Without a runtime asked for, the template's first allowed level decides.
+    assert (await manager.create(gvisor_only)).runtime == "runsc"
+    gvisor_first = parse_template({"name": "gf", "isolation": ["gvisor", "container"]}, source="t")
+    assert (await manager.create(gvisor_first)).runtime == "runsc"
+    assert (await manager.create(gvisor_first, runtime="runc")).runtime == "runc"
+    assert (await manager.create("default")).runtime == "crun"
 
 
 async def test_gc_reaps_expired_orphans_and_lost(manager: SandboxManager) -> None:

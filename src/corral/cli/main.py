@@ -119,7 +119,14 @@ def run(
         files = [_split_put(spec) for spec in put or []]
         manager = STATE.manager()
         record = await manager.create(
-            template, memory=memory, cpus=cpus, pids=pids, disk=disk, timeout=timeout, labels=labels
+            template,
+            runtime=STATE.runtime,
+            memory=memory,
+            cpus=cpus,
+            pids=pids,
+            disk=disk,
+            timeout=timeout,
+            labels=labels,
         )
         try:
             for local, remote in files:
@@ -153,6 +160,7 @@ def create(
     async def go() -> SandboxRecord:
         return await STATE.manager().create(
             template,
+            runtime=STATE.runtime,
             memory=memory,
             cpus=cpus,
             pids=pids,

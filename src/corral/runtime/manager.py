@@ -90,8 +90,7 @@ class SandboxManager:
     ) -> SandboxRecord:
         """Create and start a sandbox; on failure nothing is left (record included)."""
         spec = template if isinstance(template, Template) else load_template(template)
-        runtime = runtime or self.default_runtime
-        self._check_isolation(spec, runtime)
+        runtime = self._choose_runtime(spec, runtime)
         image = self.images.build(spec, progress=progress)
         defaults = spec.resources
         limits = SandboxLimits(
@@ -274,10 +273,26 @@ class SandboxManager:
                 report["orphans"].append(sandbox_id)
         return report
 
-    def _check_isolation(self, spec: Template, runtime: str | None) -> None:
-        level = RUNTIME_ISOLATION.get(runtime or "crun", Isolation.CONTAINER)
+    def _choose_runtime(self, spec: Template, runtime: str | None) -> str | None:
+        """The runtime for a sandbox of `spec`: the one asked for, if the template
+        allows its isolation level; else the template's first allowed level that
+        this backend gives (so a template's `isolation` order is its default)."""
         if self.backend.name == "microvm":
-            level = Isolation.MICROVM
+            self._require_level(spec, Isolation.MICROVM)
+            return runtime
+        if runtime is not None:
+            self._require_level(spec, RUNTIME_ISOLATION.get(runtime, Isolation.CONTAINER))
+            return runtime
+        container_runtime = self.default_runtime or "crun"
+        for level in spec.isolation:
+            if level == Isolation.GVISOR:
+                return "runsc"
+            if level == RUNTIME_ISOLATION.get(container_runtime, Isolation.CONTAINER):
+                return container_runtime
+        self._require_level(spec, RUNTIME_ISOLATION.get(container_runtime, Isolation.CONTAINER))
+        return container_runtime
+
+    def _require_level(self, spec: Template, level: Isolation) -> None:
         if level not in spec.isolation:
             raise IsolationPolicyError(
                 f"template '{spec.name}' does not allow isolation '{level}'"
