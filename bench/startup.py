@@ -1,9 +1,11 @@
-"""Cold-start benchmark: a raw OCI runtime vs Corral's Python API vs the `corral` CLI.
+"""Cold-start benchmark: a raw OCI runtime vs Corral's Python API vs the `corral` CLI,
+and (`--backend podman`) raw `podman run --rm` vs the podman backend.
 
 Every measurement runs interleaved (shuffled order each round) in one process, so
 host noise lands on all rows alike. Needs root. See bench/README.md for the rows.
 
-    .venv/bin/python bench/startup.py [--runs N] [--runtime crun|runc|runsc ...] [--json OUT]
+    .venv/bin/python bench/startup.py [--runs N] [--runtime crun|runc|runsc ...]
+        [--backend oci|podman ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from corral.backends.base import ExecRequest, SandboxConfig, SandboxLimits
 from corral.backends.oci import OciBackend
 from corral.backends.oci.bundle import UID_BASE, make_config
 from corral.backends.oci.runtimes import RUNTIMES, OciRuntime, get_runtime
+from corral.backends.podman import PodmanBackend
 from corral.cli.cmdserver import stop_server
 from corral.cli.launcher import SOCKET_NAME
 from corral.images import Image, ImageStore
@@ -47,6 +50,8 @@ TEMPLATE = "default"
 LABELS = {"corral.bench": "startup"}
 API_TARGET_RATIO = 2.0  # create -> first exec result, against the raw runtime's cold start
 CLI_TARGET_MS = 150.0  # `corral run -- /bin/true`, crun
+PODMAN_TARGET_RATIO = 1.10  # podman backend create/exec/destroy, against raw `podman run --rm`
+BACKENDS = ("oci", "podman")
 VENV_BIN = Path(sys.executable).parent
 
 Samples = dict[str, list[float]]  # row key -> seconds
@@ -143,6 +148,8 @@ class Bench:
     manager: SandboxManager
     raw: dict[str, RawBundle]
     child_env: dict[str, str]  # for the Python children: the CLI and `python -c`
+    podman: PodmanBackend | None = None  # with --backend podman
+    podman_image: str = ""  # the image's name in the podman backend's storage
     samples: Samples = field(default_factory=dict)
     sandbox_ids: set[str] = field(default_factory=set)  # every id handed out, for the leak check
 
@@ -181,7 +188,9 @@ def child_environment(state_dir: Path, bytecode_cache: bool) -> dict[str, str]:
     return env
 
 
-def open_bench(state_dir: Path, runtimes: list[str], *, bytecode_cache: bool) -> Bench:
+def open_bench(
+    state_dir: Path, runtimes: list[str], *, bytecode_cache: bool, podman: bool
+) -> Bench:
     template = load_template(TEMPLATE)
     images = ImageStore(state_dir / "images")  # where the CLI looks, so it hits the cache
     image = images.build(template)
@@ -194,7 +203,13 @@ def open_bench(state_dir: Path, runtimes: list[str], *, bytecode_cache: bool) ->
         for name in runtimes
     }
     env = child_environment(state_dir, bytecode_cache)
-    return Bench(state_dir, template, image, backend, manager, raw, env)
+    bench = Bench(state_dir, template, image, backend, manager, raw, env)
+    if podman:
+        bench.podman = PodmanBackend(state_dir)
+        # Loaded once, before any round: both podman rows start from the loaded image.
+        load = bench.podman.images.ensure(image.to_ref(), "bench-load")
+        bench.podman_image = asyncio.run(load)
+    return bench
 
 
 # -- measurements ----------------------------------------------------------------
@@ -304,19 +319,86 @@ async def measure_python(bench: Bench, key: str, code: str) -> None:
     bench.record(key, elapsed)
 
 
-def round_steps(bench: Bench, runtimes: list[str]) -> list[Callable[[], Awaitable[None]]]:
-    steps: list[Callable[[], Awaitable[None]]] = [
-        lambda: measure_python(bench, "python/pass", "pass"),
-        lambda: measure_python(bench, "python/import_cli", "import corral.cli.main"),
+def podman_raw_argv(bench: Bench, runtime: str) -> list[str]:
+    """`podman run --rm` of the backend's loaded image under Corral's podman config.
+
+    Only what /bin/true needs from the image: the host mounts (its /usr) and the
+    runtime; Podman's defaults (containers.conf: no network, the ulimits) do the rest.
+    """
+    assert bench.podman is not None
+    argv = ["run", "--rm", "--runtime", runtime, "--pull", "never"]
+    argv += [
+        "--label",
+        "corral.bench=startup",
+        "--cgroup-parent",
+        raw_podman_cgroup(bench.state_dir),
     ]
+    for mount in bench.image.host_mounts:
+        argv += ["--volume", f"{mount.source}:{mount.target}:ro"]
+    return bench.podman.podman.command(*argv, bench.podman_image, "/bin/true")
+
+
+def raw_podman_cgroup(state_dir: Path) -> str:
+    """The cgroup parent of the raw podman runs: like the backend's, one per state dir."""
+    return f"/corral-bench-raw-{state_dir.name}"
+
+
+async def measure_podman_raw(bench: Bench, runtime: str) -> None:
+    assert bench.podman is not None
+    argv = podman_raw_argv(bench, runtime)
+    elapsed = _timed_subprocess(argv, f"raw podman run ({runtime})", env=bench.podman.podman.env)
+    bench.record(f"{runtime}/podman_raw", elapsed)
+
+
+async def measure_podman_backend(bench: Bench, runtime: str) -> None:
+    """The podman backend's create -> first exec result -> destroy."""
+    assert bench.podman is not None
+    config = SandboxConfig(
+        sandbox_id=new_sandbox_id(),
+        image=bench.image.to_ref(),
+        limits=limits_of(bench.template),
+        mounts=list(bench.image.host_mounts),
+        labels=LABELS,
+        runtime=runtime,
+    )
+    backend = bench.podman
+    bench.sandbox_ids.add(config.sandbox_id)
+    started = time.perf_counter()
+    try:
+        await backend.create(config)
+        created = time.perf_counter()
+        result = await backend.exec(config.sandbox_id, ExecRequest(["/bin/true"]))
+        executed = time.perf_counter()
+        if not result.ok:
+            raise RuntimeError(f"podman exec /bin/true: exit {result.exit_code} {result.stderr!r}")
+    finally:
+        destroy_started = time.perf_counter()
+        await backend.destroy(config.sandbox_id)
+    done = time.perf_counter()
+    bench.record_steps(f"{runtime}/podman", started, created, executed, destroy_started, done)
+
+
+def round_steps(
+    bench: Bench, runtimes: list[str], backends: list[str]
+) -> list[Callable[[], Awaitable[None]]]:
+    steps: list[Callable[[], Awaitable[None]]] = []
+    measures: list[Callable[[Bench, str], Awaitable[None]]] = []
+    if "oci" in backends:
+        steps.append(lambda: measure_python(bench, "python/pass", "pass"))
+        steps.append(lambda: measure_python(bench, "python/import_cli", "import corral.cli.main"))
+        measures += [measure_raw, measure_backend, measure_manager, measure_cli]
+    if "podman" in backends:
+        measures += [measure_podman_raw, measure_podman_backend]
     for runtime in runtimes:
-        for measure in (measure_raw, measure_backend, measure_manager, measure_cli):
+        for measure in measures:
             steps.append(functools.partial(measure, bench, runtime))
     return steps
 
 
-async def run_rounds(bench: Bench, runtimes: list[str], runs: int, warmup: int) -> None:
-    steps = round_steps(bench, runtimes)
+async def run_rounds(
+    bench: Bench, runtimes: list[str], backends: list[str], runs: int, warmup: int
+) -> None:
+    steps = round_steps(bench, runtimes, backends)
     shuffle = random.Random(0).shuffle
     with Console(stderr=True).status("measuring") as status:
         for number in range(warmup + runs):
@@ -333,8 +415,30 @@ async def run_rounds(bench: Bench, runtimes: list[str], runs: int, warmup: int) 
 
 async def destroy_sandboxes(state_dir: Path, sandbox_ids: set[str]) -> None:
     backend = OciBackend(state_dir)
+    podman = PodmanBackend(state_dir)
     for sandbox_id in sorted(sandbox_ids):
+        if podman.podman.storage_conf.exists():  # podman's part first: its container
+            await podman.destroy(sandbox_id)
         await backend.destroy(sandbox_id)
+
+
+def delete_podman_raw(state_dir: Path) -> list[str]:
+    """Remove raw `podman run --rm` containers an interrupted run left, and their cgroups."""
+    podman = PodmanBackend(state_dir).podman
+    if not podman.storage_conf.exists():
+        return []
+    listed = subprocess.run(
+        podman.command("ps", "--all", "--quiet", "--filter", "label=corral.bench=startup"),
+        env=podman.env,
+        capture_output=True,
+        text=True,
+    )
+    left = [f"raw podman container {name}" for name in listed.stdout.split()]
+    if left:
+        remove = podman.command("rm", "--force", "--time", "0", *listed.stdout.split())
+        subprocess.run(remove, env=podman.env, capture_output=True)
+    busy = cgroups.remove(raw_podman_cgroup(state_dir))
+    return left + [f"cgroup {path} busy" for path in busy]
 
 
 def delete_raw(raw: dict[str, RawBundle]) -> list[str]:
@@ -386,6 +490,7 @@ def clean_up(state_dir: Path, bench: Bench | None) -> list[str]:
     leftovers |= cgroups.children(cgroup_parent) - {b.container for b in raw.values()}
     asyncio.run(destroy_sandboxes(state_dir, leftovers))
     left = [f"sandbox {sandbox_id}" for sandbox_id in sorted(leftovers)] + delete_raw(raw)
+    left += delete_podman_raw(state_dir)
     remaining = leaks(state_dir, cgroup_parent)
     console = Console(stderr=True)
     if left:
@@ -421,11 +526,22 @@ class Row:
     label: str
     runtime: str | None = None
     detail: bool = False  # a step of the row above
+    baseline: str = "raw"  # the row's raw counterpart: `<runtime>/<baseline>`
 
 
-def rows_for(runtimes: list[str]) -> list[Row]:
+def rows_for(runtimes: list[str], backends: list[str]) -> list[Row]:
     rows: list[Row] = []
-    for rt in runtimes:
+    for rt in runtimes if "podman" in backends else []:
+        raw = f"raw `podman run --rm --runtime {rt} IMAGE /bin/true`"
+        rows.append(Row(f"{rt}/podman_raw", raw, rt, baseline="podman_raw"))
+        for step in ("create_exec", "total", "create", "exec", "destroy"):
+            label = {
+                "create_exec": "PodmanBackend: create -> 1st exec result",
+                "total": "PodmanBackend: create + exec + destroy",
+            }.get(step, f"  {step}")
+            detail = step not in ("create_exec", "total")
+            rows.append(Row(f"{rt}/podman/{step}", label, rt, detail, baseline="podman_raw"))
+    for rt in runtimes if "oci" in backends else []:
         raw = "runsc --network=none --platform=ptrace run" if rt == "runsc" else f"{rt} run"
         rows.append(Row(f"{rt}/raw", f"raw `{raw}` (create, start, wait, delete)", rt))
         for layer, name in (("manager", "SandboxManager"), ("backend", "OciBackend")):
@@ -435,8 +551,9 @@ def rows_for(runtimes: list[str]) -> list[Row]:
                 rows.append(Row(f"{rt}/{layer}/{step}", f"  {step}", rt, detail=True))
         rows.append(Row(f"{rt}/cli", "CLI `corral run -- /bin/true` (wall, command server)", rt))
         rows.append(Row(f"{rt}/cli_direct", "CLI, command server off (wall)", rt))
-    rows.append(Row("python/pass", "`python -c pass` (wall)"))
-    rows.append(Row("python/import_cli", "`python -c 'import corral.cli.main'` (wall)"))
+    if "oci" in backends:
+        rows.append(Row("python/pass", "`python -c pass` (wall)"))
+        rows.append(Row("python/import_cli", "`python -c 'import corral.cli.main'` (wall)"))
     return rows
 
 
@@ -452,9 +569,23 @@ def summarize(samples: Samples) -> dict[str, dict[str, Any]]:
     }
 
 
-def targets(summary: dict[str, dict[str, Any]], runtimes: list[str]) -> list[dict[str, Any]]:
+def targets(
+    summary: dict[str, dict[str, Any]], runtimes: list[str], backends: list[str]
+) -> list[dict[str, Any]]:
     checks: list[dict[str, Any]] = []
-    for rt in runtimes:
+    for rt in runtimes if "podman" in backends else []:
+        raw = summary[f"{rt}/podman_raw"]["median_ms"]
+        value = summary[f"{rt}/podman/total"]["median_ms"]
+        checks.append(
+            {
+                "name": f"podman/{rt} backend: create + exec + destroy"
+                f" <= {PODMAN_TARGET_RATIO:g}x raw `podman run --rm`",
+                "value_ms": value,
+                "limit_ms": PODMAN_TARGET_RATIO * raw,
+                "ok": value <= PODMAN_TARGET_RATIO * raw,
+            }
+        )
+    for rt in runtimes if "oci" in backends else []:
         raw = summary[f"{rt}/raw"]["median_ms"]
         for layer in ("manager", "backend"):
             value = summary[f"{rt}/{layer}/create_exec"]["median_ms"]
@@ -466,7 +597,7 @@ def targets(summary: dict[str, dict[str, Any]], runtimes: list[str]) -> list[dic
                     "ok": value <= API_TARGET_RATIO * raw,
                 }
             )
-    if "crun" in runtimes:
+    if "crun" in runtimes and "oci" in backends:
         value = summary["crun/cli"]["median_ms"]
         checks.append(
             {
@@ -480,7 +611,10 @@ def targets(summary: dict[str, dict[str, Any]], runtimes: list[str]) -> list[dic
 
 
 def print_report(
-    summary: dict[str, dict[str, Any]], runtimes: list[str], checks: list[dict[str, Any]]
+    summary: dict[str, dict[str, Any]],
+    runtimes: list[str],
+    backends: list[str],
+    checks: list[dict[str, Any]],
 ) -> None:
     console = Console(width=None if sys.stdout.isatty() else 120)
     crun_raw = summary.get("crun/raw", {}).get("median_ms")
@@ -490,12 +624,16 @@ def print_report(
     table.add_column("median", justify="right")
     table.add_column("p90", justify="right")
     table.add_column("x raw crun", justify="right")
-    table.add_column("x raw own rt", justify="right")
-    for row in rows_for(runtimes):
+    table.add_column("x own raw", justify="right")
+    for row in rows_for(runtimes, backends):
         if row.key not in summary:
             continue
         median = summary[row.key]["median_ms"]
-        own_raw = summary.get(f"{row.runtime}/raw", {}).get("median_ms") if row.runtime else None
+        own_raw = (
+            summary.get(f"{row.runtime}/{row.baseline}", {}).get("median_ms")
+            if row.runtime
+            else None
+        )
         table.add_row(
             row.label,
             row.runtime or "-",
@@ -512,7 +650,7 @@ def print_report(
             f"{verdict} {check['name']}: {check['value_ms']:.1f} ms"
             f" (limit {check['limit_ms']:.1f} ms)"
         )
-    for line in cli_breakdown(summary, runtimes):
+    for line in cli_breakdown(summary, runtimes) if "oci" in backends else []:
         console.print(line, soft_wrap=True)
 
 
@@ -538,9 +676,9 @@ def cli_breakdown(summary: dict[str, dict[str, Any]], runtimes: list[str]) -> li
     return lines
 
 
-def host_facts(runtimes: list[str], bytecode_cache: bool) -> dict[str, Any]:
+def host_facts(runtimes: list[str], backends: list[str], bytecode_cache: bool) -> dict[str, Any]:
     versions = {}
-    for name in runtimes:
+    for name in [*runtimes, *(["podman"] if "podman" in backends else [])]:
         proc = subprocess.run([name, "--version"], capture_output=True, text=True)
         lines = (proc.stdout or proc.stderr).splitlines()
         versions[name] = lines[0] if proc.returncode == 0 and lines else "?"
@@ -568,6 +706,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(RUNTIMES),
         help="OCI runtime to measure; repeat for several (default: crun)",
     )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=BACKENDS,
+        help="backend to measure against its raw runtime; repeat for both (default: oci)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument(
         "--no-bytecode-cache",
@@ -587,17 +731,23 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("bench/startup.py needs root (cgroups, mounts, OCI runtimes)\n")
         return 2
     runtimes: list[str] = list(dict.fromkeys(args.runtime or ["crun"]))
+    backends: list[str] = list(dict.fromkeys(args.backend or ["oci"]))
     for name in runtimes:
         get_runtime(name).binary()  # fail early, naming the package to install
+    if "podman" in backends and shutil.which("podman") is None:
+        sys.stderr.write("--backend podman needs podman: apt-get install podman\n")
+        return 2
     # SIGTERM unwinds like Ctrl-C, so every finally (and the sweep) still runs.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     state_dir = traversable_dir("state")
     bench: Bench | None = None
     interrupted = False
     try:
-        bench = open_bench(state_dir, runtimes, bytecode_cache=args.bytecode_cache)
-        start_command_server(bench)
-        asyncio.run(run_rounds(bench, runtimes, args.runs, args.warmup))
+        podman = "podman" in backends
+        bench = open_bench(state_dir, runtimes, bytecode_cache=args.bytecode_cache, podman=podman)
+        if "oci" in backends:
+            start_command_server(bench)
+        asyncio.run(run_rounds(bench, runtimes, backends, args.runs, args.warmup))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -606,8 +756,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("interrupted: no figures\n")
         return 130
     summary = summarize(bench.samples)
-    checks = targets(summary, runtimes)
-    print_report(summary, runtimes, checks)
+    checks = targets(summary, runtimes, backends)
+    print_report(summary, runtimes, backends, checks)
     cache = "cached under the state dir" if args.bytecode_cache else "as the environment has it"
     print(
         f"host: {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f} at the end;"
@@ -618,8 +768,9 @@ def main(argv: list[str] | None = None) -> int:
             "runs": args.runs,
             "warmup": args.warmup,
             "runtimes": runtimes,
+            "backends": backends,
             "template": TEMPLATE,
-            "host": host_facts(runtimes, args.bytecode_cache),
+            "host": host_facts(runtimes, backends, args.bytecode_cache),
             "results": summary,
             "targets": checks,
         }

@@ -30,7 +30,7 @@ RUNTIMES = ("crun", "runc", "runsc")
 # The podman backend on each runtime, as `harness` parameters ("podman/<runtime>").
 PODMAN_HARNESSES = tuple(f"podman/{runtime}" for runtime in RUNTIMES)
 # Test modules whose `harness` also runs on podman (the others stay on the oci backend).
-PODMAN_SUITES = ("tests.test_conformance",)
+PODMAN_SUITES = ("tests.test_conformance", "tests.test_hostile")
 TEST_LABEL = {"corral.test": "1"}
 
 

@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 
-from corral.backends.base import BackendStatus, ExecRequest, HostMount, SandboxLimits
+from corral.backends.base import BackendStatus, Capability, ExecRequest, HostMount, SandboxLimits
+from corral.backends.oci.bundle import UID_BASE, UID_RANGE
 from corral.backends.podman import PodmanBackend
 from corral.backends.podman.images import IMAGE_REPOSITORY
 from corral.errors import SandboxStartError
+from corral.host.doctor import Check, run_checks
 from tests.conftest import Harness, require_binary, require_root
 
 pytestmark = pytest.mark.runtime
@@ -85,7 +87,9 @@ async def test_podman_ps_shows_the_sandbox_with_its_labels(podman: Harness) -> N
     assert containers_with_label(podman.backend, sid) == []
 
 
-async def test_limits_and_lockdown_are_visible_in_podman_inspect(podman: Harness) -> None:
+async def test_limits_and_lockdown_are_visible_in_podman_inspect(
+    podman: Harness, state_root: Path
+) -> None:
     assert isinstance(podman.backend, PodmanBackend)
     limits = SandboxLimits(vcpus=0.5, memory=200 << 20, pids=100, disk=32 << 20, cpuset="0")
     sid = await podman.sandbox(limits=limits)
@@ -104,10 +108,21 @@ async def test_limits_and_lockdown_are_visible_in_podman_inspect(podman: Harness
     assert ulimits["RLIMIT_NOFILE"] == (4096, 4096)
     assert ulimits["RLIMIT_NPROC"][1] <= 20000
     assert info["Config"]["User"] == "1000:1000"
+    mapping = f"0:{UID_BASE}:{UID_RANGE}"
+    assert host["IDMappings"] == {"UidMap": [mapping], "GidMap": [mapping]}
+    scratch = state_root / "sandboxes" / sid / "scratch" / "home"
+    assert (scratch.stat().st_uid, scratch.stat().st_gid) == (UID_BASE + 1000, UID_BASE + 1000)
     stats = await podman.backend.stats(sid)
     assert (stats.memory_limit, stats.pids_limit) == (200 << 20, 100)
     result = await podman.backend.exec(sid, ExecRequest(["/bin/sh", "-c", "ulimit -n; id -u"]))
     assert result.stdout == b"4096\n1000\n"
+
+
+def test_user_namespace_is_advertised_off_gvisor(state_root: Path) -> None:
+    # runsc runs without one, as on the oci backend: gVisor's sentry is the boundary.
+    for runtime, userns in (("crun", True), ("runc", True), ("runsc", False)):
+        backend = PodmanBackend(state_root, runtime=runtime)
+        assert (Capability.USER_NAMESPACE in backend.capabilities) is userns, runtime
 
 
 async def test_failed_start_leaves_no_container(podman: Harness, state_root: Path) -> None:
@@ -156,3 +171,31 @@ async def test_image_is_loaded_once_per_digest(podman: Harness) -> None:
     assert done.stdout.split() == [f"{IMAGE_REPOSITORY}:{tag}"]
     for sid in (first, "sb-t-second"):
         assert (await second.exec(sid, ExecRequest(["/bin/true"]))).ok
+
+
+def test_doctor_reports_podman_through_corrals_config(state_root: Path) -> None:
+    require_root()
+    for binary in ("podman", "crun", "runc", "runsc", "catatonit"):
+        require_binary(binary)
+    checks = {check.name: check for check in run_checks(state_dir=state_root)}
+    assert checks["podman-config"].status == "ok", checks["podman-config"]
+    assert checks["podman-config"].detail.startswith("podman 4."), checks["podman-config"]
+    storage = checks["podman-storage"]
+    assert (storage.status, storage.detail) == ("ok", f"overlay at {state_root / 'podman/storage'}")
+    assert checks["podman-cgroups"] == Check("podman-cgroups", "ok", "cgroup manager cgroupfs")
+    for runtime in ("crun", "runc", "runsc"):
+        check = checks[f"podman/{runtime}"]
+        assert check.status == "ok", check
+        assert check.detail.startswith(f"starts containers: {runtime} version"), check
+    assert not any((state_root / "podman").glob("doctor-*")), "the probe's rootfs stayed"
+    assert PodmanBackend(state_root).podman.storage_conf.is_file()
+
+
+def test_doctor_does_not_create_a_missing_state_dir(tmp_path: Path) -> None:
+    require_binary("podman")
+    missing = tmp_path / "not-yet"
+    checks = {c.name: c for c in run_checks(state_dir=missing)}
+    assert checks["podman-config"].status == "warn", checks["podman-config"]
+    assert checks["podman-config"].fix == "corral host prepare (creates it)"
+    assert "podman/crun" not in checks
+    assert not missing.exists()

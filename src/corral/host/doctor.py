@@ -5,18 +5,21 @@ Probes read through injectable roots (/proc, /sys, /dev, cgroups, PATH) so tests
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
 import shutil
 import struct
 import subprocess
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from corral.backends.oci.runtimes import RUNTIMES
+from corral.backends.podman.engine import Podman
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -241,6 +244,116 @@ def _check_runsc_network(version: str, proc_root: Path) -> Check:
     return Check("runsc-network", "warn", RUNSC_NETWORK_NOTE.split(";")[0], fix)
 
 
+# -- podman, through Corral's own config (never the host's /etc/containers) ------------
+
+
+def _podman(podman: Podman, binary: Path, environ: Mapping[str, str], *args: str) -> str:
+    """stdout of `podman <args>` under Corral's config; CalledProcessError on failure."""
+    env = {
+        **environ,
+        "CONTAINERS_CONF": str(podman.containers_conf),
+        "CONTAINERS_STORAGE_CONF": str(podman.storage_conf),
+    }
+    argv = [str(binary), *args]
+    done = subprocess.run(
+        argv,
+        env=env,
+        cwd=podman.home,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
+    return done.stdout
+
+
+def _failure(exc: Exception) -> str:
+    stderr = getattr(exc, "stderr", None)
+    return (stderr or str(exc)).strip()[-300:]
+
+
+def _check_podman(
+    binary: Path, state_dir: Path, environ: Mapping[str, str], runtimes: Iterable[str]
+) -> list[Check]:
+    """Podman's version, storage driver and cgroup manager under Corral's config, and
+    whether each installed runtime starts a container through it."""
+    if not (state_dir.is_dir() and os.access(state_dir, os.W_OK | os.X_OK)):
+        detail = f"not probed: Corral's podman config lives under {state_dir}, not ready yet"
+        return [Check("podman-config", "warn", detail, "corral host prepare (creates it)")]
+    podman = Podman(state_dir)
+    fix = f"CONTAINERS_CONF={podman.containers_conf} podman info (shows the whole error)"
+    try:
+        podman.ensure_config()
+        info = json.loads(_podman(podman, binary, environ, "info", "--format", "json"))
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return [Check("podman-config", "fail", f"podman info failed: {_failure(exc)}", fix)]
+    store, host = info.get("store", {}), info.get("host", {})
+    version = info.get("version", {}).get("Version", "?")
+    checks = [Check("podman-config", "ok", f"podman {version} with {podman.containers_conf}")]
+    driver, graph_root = store.get("graphDriverName", "?"), store.get("graphRoot", "?")
+    storage_status: Status = "ok" if driver == "overlay" else "warn"
+    checks.append(
+        Check(
+            "podman-storage",
+            storage_status,
+            f"{driver} at {graph_root}",
+            None if driver == "overlay" else f"Corral's {podman.storage_conf} asks for overlay",
+        )
+    )
+    manager = host.get("cgroupManager", "?")
+    cgroups_status: Status = "ok" if manager == "cgroupfs" else "warn"
+    checks.append(
+        Check(
+            "podman-cgroups",
+            cgroups_status,
+            f"cgroup manager {manager}",
+            None
+            if manager == "cgroupfs"
+            else f"Corral's {podman.containers_conf} asks for cgroupfs",
+        )
+    )
+    checks += [_check_podman_runtime(podman, binary, environ, name) for name in runtimes]
+    return checks
+
+
+def _check_podman_runtime(
+    podman: Podman, binary: Path, environ: Mapping[str, str], runtime: str
+) -> Check:
+    """Start a container on `runtime` from a one-file rootfs (catatonit): no image needed."""
+    name = f"podman/{runtime}"
+    init = shutil.which("catatonit", path=environ.get("PATH", os.defpath))
+    if init is None:
+        return Check(name, "warn", "not probed: catatonit is missing", "apt-get install catatonit")
+    podman.home.mkdir(parents=True, exist_ok=True)
+    rootfs = Path(tempfile.mkdtemp(prefix="doctor-", dir=podman.home))
+    try:
+        rootfs.chmod(0o755)
+        shutil.copy(init, rootfs / "init")
+        shown = json.loads(
+            _podman(
+                podman,
+                binary,
+                environ,
+                "--runtime",
+                runtime,
+                "info",
+                "--format",
+                "{{json .Host.OCIRuntime}}",
+            )
+        )
+        run = ("run", "--rm", "--runtime", runtime, "--network", "none", "--rootfs", str(rootfs))
+        _podman(podman, binary, environ, *run, "/init", "--version")
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        fix = f"apt-get install --reinstall {RUNTIMES[runtime].apt_package}, then doctor again"
+        return Check(name, "fail", f"cannot start a container: {_failure(exc)}", fix)
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+    version = str(shown.get("version", "")).partition("\n")[0]
+    return Check(name, "ok", f"starts containers: {version} ({shown.get('path')})")
+
+
 def _check_state_dir(path: Path) -> Check:
     if path.is_dir():
         if os.access(path, os.W_OK | os.X_OK):
@@ -276,7 +389,12 @@ def run_checks(
     checks.append(_check_kvm(proc_root, sys_root, dev_root))
     if runsc_version := versions.get("runsc"):
         checks.append(_check_runsc_network(runsc_version, proc_root))
-    checks.append(_check_state_dir(state_dir or Path(env.get("CORRAL_STATE_DIR", STATE_DIR))))
+    state = state_dir or Path(env.get("CORRAL_STATE_DIR", STATE_DIR))
+    checks.append(_check_state_dir(state))
+    podman_path = shutil.which("podman", path=env.get("PATH", os.defpath))
+    if podman_path and versions.get("podman"):
+        runtimes = [name for name in RUNTIMES if versions.get(name)]
+        checks += _check_podman(Path(podman_path), state, env, runtimes)
     return checks
 
 

@@ -4,7 +4,8 @@ Podman owns the container (`podman ps` shows it, labelled with the sandbox id
 and tenant); Corral keeps `<state>/sandboxes/<id>` for what Podman does not
 manage: the size-limited tmpfs scratch (/tmp, $HOME, workdir) and `meta.json`.
 The idle main process is catatonit, bound read-only at /.corral like the oci
-backend's; commands run through `podman exec`.
+backend's; commands run through `podman exec`. On crun and runc the container's
+ids 0-65535 are host UID_BASE+ (`--uidmap`), as on the oci backend.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -39,7 +41,7 @@ from corral.backends.oci.backend import (
     OciBackend,
     release_cgroup,
 )
-from corral.backends.oci.bundle import SANDBOX_INIT
+from corral.backends.oci.bundle import SANDBOX_INIT, UID_BASE, UID_RANGE
 from corral.backends.oci.execution import exit_status, feed, pump
 from corral.backends.oci.runtimes import get_runtime
 from corral.backends.podman.engine import ULIMITS, Podman
@@ -78,10 +80,14 @@ class PodmanBackend(Backend):
     """Sandboxes as Podman containers; see the module docstring."""
 
     name: ClassVar[str] = "podman"
-    capabilities = frozenset({Capability.PAUSE, Capability.CPUSET})
 
     def __init__(self, state_dir: Path, *, runtime: str = "crun") -> None:
-        get_runtime(runtime)  # the same error as the oci backend's for an unknown name
+        # The same error as the oci backend's for an unknown name.
+        userns = get_runtime(runtime).user_namespace
+        self.capabilities = frozenset(
+            {Capability.PAUSE, Capability.CPUSET}
+            | ({Capability.USER_NAMESPACE} if userns else set())
+        )
         self.state_dir = Path(state_dir)
         self.default_runtime = runtime
         self.sandboxes_dir = self.state_dir / "sandboxes"
@@ -153,13 +159,15 @@ class PodmanBackend(Backend):
                 hint="rebuild the image (`corral images build --force`)",
             )
         image_name = await self.images.ensure(image, config.sandbox_id)
+        # The sandbox's ids as the host sees them: shifted by UID_BASE in a user namespace.
+        shift = UID_BASE if get_runtime(runtime).user_namespace else 0
         scratch = sandbox_dir / "scratch"
         scratch.mkdir()
         mounts.mount_tmpfs(scratch, size=config.limits.disk)
         for sub, mode in (("tmp", 0o1777), ("home", 0o755), ("work", 0o755)):
             path = scratch / sub
             path.mkdir()
-            os.chown(path, image.uid, image.gid)
+            os.chown(path, image.uid + shift, image.gid + shift)
             path.chmod(mode)
         container = CONTAINER_PREFIX + config.sandbox_id
         cgroup_parent = f"{self.cgroup_parent}/{config.sandbox_id}"
@@ -171,6 +179,7 @@ class PodmanBackend(Backend):
             scratch=scratch,
             support_dir=Path(self._oci.ensure_support()),
             cgroup_parent=cgroup_parent,
+            seccomp_profile=self.podman.seccomp_profile,
         )
         started = await self.podman.run(*argv)
         if started.returncode != 0:
@@ -244,9 +253,15 @@ class PodmanBackend(Backend):
         found.update(cgroups.children(self.cgroup_parent))
         return sorted(found)
 
+    def cgroup(self, sandbox_id: str) -> str:
+        """The container's own cgroup (its limits and usage; conmon sits outside it)."""
+        return self._meta(sandbox_id).cgroup
+
     async def stats(self, sandbox_id: str) -> SandboxStats:
         meta = self._meta(sandbox_id)
         reading = cgroups.read(meta.cgroup)
+        if reading.memory_limit == 0:  # no memory cgroup: stopped, podman removed it
+            reading = dataclasses.replace(reading, oom_kills=int(kernel_reported_oom(meta.cgroup)))
         return SandboxStats(
             memory_bytes=reading.memory_bytes,
             memory_limit=reading.memory_limit,
@@ -299,6 +314,7 @@ class PodmanBackend(Backend):
         proc = await asyncio.create_subprocess_exec(
             *self.podman.command(*argv, meta.container, *request.argv),
             env=self.podman.env,
+            cwd=self.podman.home,  # not the caller's: conmon writes an `oom` file there
             stdin=asyncio.subprocess.PIPE
             if request.stdin is not None
             else asyncio.subprocess.DEVNULL,
@@ -338,6 +354,8 @@ class PodmanBackend(Backend):
                 yield item
             rc = await proc.wait()
             finished = True
+            if runtime.in_kernel:
+                self._kill_orphaned_writers(meta, token)
         finally:
             if not finished:
                 await asyncio.shield(self._kill_exec(meta, token))
@@ -348,7 +366,30 @@ class PodmanBackend(Backend):
                 task.cancel()
         oom = cgroups.oom_kills(meta.cgroup) > oom_before
         gone = not runtime.in_kernel and await self.status(sandbox_id) != BackendStatus.RUNNING
+        if gone and not oom:
+            oom = kernel_reported_oom(meta.cgroup)
         yield exit_status(rc, runtime, request, stderr_tail, timed_out, oom, started, gone)
+
+    def _kill_orphaned_writers(self, meta: _Meta, token: str) -> None:
+        """Kill what an exec left behind still holding its output.
+
+        `podman exec` returns when the command's main process exits, where the oci
+        backend waits for the output to close. Podman's reader is gone by then, so
+        such a process would die of SIGPIPE at its next write; a silent one (a fork
+        bomb's children) would run on. Killed now, nothing outlives the exec but
+        what detached its output (`nohup cmd >/dev/null 2>&1 &`), as on the oci backend.
+        """
+        marker = f"{EXEC_TOKEN_VAR}={token}".encode()
+        for _pass in range(20):  # until a pass finds none: children fork meanwhile
+            found = [
+                pid
+                for pid in cgroups.pids(meta.cgroup)
+                if procs.has_environ_entry(pid, marker) and _writes_to_a_pipe(pid)
+            ]
+            if not found:
+                return
+            for pid in found:
+                procs.kill(pid)
 
     async def _kill_exec(self, meta: _Meta, token: str) -> None:
         """Kill every process of one exec: by its marker in the host cgroup, or
@@ -367,6 +408,42 @@ class PodmanBackend(Backend):
             )
 
 
+def kernel_reported_oom(cgroup: str) -> bool:
+    """True when the kernel log has an OOM kill in `cgroup`.
+
+    Once a gVisor sandbox has died of OOM, podman removes the container's cgroup
+    and its oom_kill counter with it (and records no OOMKilled for runsc), so the
+    kernel's own `oom-kill:... oom_memcg=<cgroup>,` line is what is left.
+    """
+    needle = f"oom_memcg={cgroup},".encode()
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                return False
+            except OSError as exc:  # EPIPE: records overwritten while reading; read on
+                if exc.errno != errno.EPIPE:
+                    return False
+                continue
+            if needle in record:
+                return True
+    finally:
+        os.close(fd)
+
+
+def _writes_to_a_pipe(pid: int) -> bool:
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:"):
+                return True
+    return False
+
+
 def pids_overhead(runtime: str) -> int:
     return RUNSC_PIDS_OVERHEAD if runtime == "runsc" else 0
 
@@ -380,6 +457,7 @@ def run_arguments(
     scratch: Path,
     support_dir: Path,
     cgroup_parent: str,
+    seccomp_profile: Path,
 ) -> list[str]:
     """The `podman run` arguments for `config`: locked down like the oci backend's bundle."""
     image = config.image
@@ -391,7 +469,13 @@ def run_arguments(
     for key, value in config.labels.items():
         argv += ["--label", f"io.corral.label.{key}={value}"]
     argv += ["--read-only", "--read-only-tmpfs=false", "--user", f"{image.uid}:{image.gid}"]
+    if get_runtime(runtime).user_namespace:
+        # Container ids 0-65535 are host UID_BASE+: host root is never inside. (runsc
+        # runs without one, as on the oci backend: gVisor's sentry is the boundary.)
+        mapping = f"0:{UID_BASE}:{UID_RANGE}"
+        argv += ["--uidmap", mapping, "--gidmap", mapping]
     argv += ["--cap-drop=all", "--security-opt", "no-new-privileges", "--network", "none"]
+    argv += ["--security-opt", f"seccomp={seccomp_profile}"]
     argv += ["--memory", str(limits.memory), "--memory-swap", str(limits.memory)]
     argv += [
         "--pids-limit",

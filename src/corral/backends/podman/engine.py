@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.backends.oci.bundle import NOFILE
+from corral.backends.oci.bundle import NOFILE, seccomp_profile
 from corral.errors import BackendUnavailableError
 
 # Podman's rootful default (nofile/nproc 1048576) fails under our hard nofile limit
@@ -47,6 +47,8 @@ class Podman:
         self.home = Path(state_dir) / "podman"
         self.storage_conf = self.home / "storage.conf"
         self.containers_conf = self.home / "containers.conf"
+        # The oci backend's deny-list: Podman's default profile allows ptrace and more.
+        self.seccomp_profile = self.home / "seccomp.json"
         self._ready = False
 
     @property
@@ -69,7 +71,8 @@ class Podman:
         return path
 
     def ensure_config(self) -> None:
-        """Write Corral's storage.conf, containers.conf and runsc wrapper (idempotent)."""
+        """Write Corral's storage.conf, containers.conf, seccomp profile and runsc
+        wrapper (idempotent)."""
         if self._ready:
             return
         self.home.mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,7 @@ class Podman:
             self.storage_conf: storage_conf(self.home),
             self.containers_conf: containers_conf(self.home, runsc=wrapper),
             self.home / "policy.json": POLICY,
+            self.seccomp_profile: json.dumps(seccomp_profile(), indent=1) + "\n",
             wrapper: runsc_wrapper(),
         }
         for path, text in files.items():
@@ -92,6 +96,7 @@ class Podman:
         proc = await asyncio.create_subprocess_exec(
             *self.command(*args),
             env=self.env,
+            cwd=self.home,  # conmon inherits it and drops an `oom` file there on OOM
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
