@@ -37,12 +37,18 @@ from corral.backends.base import (
 from corral.backends.oci.bundle import UID_BASE, make_config, process_spec
 from corral.backends.oci.execution import exit_status, feed, ps_table, pump
 from corral.backends.oci.runtimes import RUNTIMES, OciRuntime, get_runtime
+from corral.backends.sandbox_dir import (
+    claim_dir,
+    make_scratch,
+    refuse_network,
+    released_on_failure,
+    sandbox_path,
+)
 from corral.errors import (
     BackendUnavailableError,
     ExecError,
     NotFoundError,
     SandboxStartError,
-    UnsupportedError,
 )
 
 CONTAINER_PREFIX = "corral-"
@@ -84,9 +90,7 @@ class OciBackend(Backend):
     # -- paths and records -------------------------------------------------
 
     def _dir(self, sandbox_id: str) -> Path:
-        if "/" in sandbox_id or sandbox_id in ("", ".", ".."):
-            raise NotFoundError(f"no sandbox '{sandbox_id}'", backend=self.name)
-        return self.sandboxes_dir / sandbox_id
+        return sandbox_path(self.sandboxes_dir, sandbox_id, self.name)
 
     def _root(self, runtime: OciRuntime) -> Path:
         return self.run_dir / runtime.name
@@ -126,43 +130,19 @@ class OciBackend(Backend):
     async def create(self, config: SandboxConfig) -> None:
         runtime = get_runtime(config.runtime or self.default_runtime)
         runtime.binary()
-        if config.network != "none":
-            raise UnsupportedError(
-                f"network '{config.network}' is not available on the oci backend",
-                sandbox_id=config.sandbox_id,
-                backend=self.name,
-                hint="use network='none', or the podman backend for egress",
-            )
-        sandbox_dir = self._dir(config.sandbox_id)
-        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            sandbox_dir.mkdir()
-        except FileExistsError:
-            raise SandboxStartError(
-                f"sandbox '{config.sandbox_id}' already exists",
-                sandbox_id=config.sandbox_id,
-                backend=self.name,
-            ) from None
-        try:
-            await self._create(config, runtime, sandbox_dir)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.destroy(config.sandbox_id))
-            raise
+        refuse_network(config, self.name, "use network='none', or the podman backend later")
+        sandbox_dir = claim_dir(self.sandboxes_dir, config.sandbox_id, self.name)
+        await released_on_failure(
+            self._create(config, runtime, sandbox_dir), self.destroy, config.sandbox_id
+        )
 
     async def _create(self, config: SandboxConfig, runtime: OciRuntime, sandbox_dir: Path) -> None:
         image = config.image
         userns = runtime.user_namespace
-        host_uid = image.uid + (UID_BASE if userns else 0)
-        host_gid = image.gid + (UID_BASE if userns else 0)
-        scratch = sandbox_dir / "scratch"
-        scratch.mkdir()
-        mounts.mount_tmpfs(scratch, size=config.limits.disk)
-        for sub, mode in (("tmp", 0o1777), ("home", 0o755), ("work", 0o755)):
-            path = scratch / sub
-            path.mkdir()
-            os.chown(path, host_uid, host_gid)
-            path.chmod(mode)
+        shift = UID_BASE if userns else 0
+        scratch = make_scratch(
+            sandbox_dir, size=config.limits.disk, uid=image.uid + shift, gid=image.gid + shift
+        )
         container = CONTAINER_PREFIX + config.sandbox_id
         cgroup = f"{self.cgroup_parent}/{config.sandbox_id}"
         spec = make_config(

@@ -46,7 +46,14 @@ from corral.backends.oci.execution import exit_status, feed, pump
 from corral.backends.oci.runtimes import get_runtime
 from corral.backends.podman.engine import ULIMITS, Podman
 from corral.backends.podman.images import ImageLoader
-from corral.errors import ExecError, NotFoundError, SandboxStartError, UnsupportedError
+from corral.backends.sandbox_dir import (
+    claim_dir,
+    make_scratch,
+    refuse_network,
+    released_on_failure,
+    sandbox_path,
+)
+from corral.errors import ExecError, NotFoundError, SandboxStartError
 
 # Under gVisor the host cgroup also counts the sentry's and gofer's own threads and
 # the ptrace platform's stub processes (~60 at idle through podman): without this
@@ -101,9 +108,7 @@ class PodmanBackend(Backend):
     # -- paths and records -------------------------------------------------
 
     def _dir(self, sandbox_id: str) -> Path:
-        if "/" in sandbox_id or sandbox_id in ("", ".", ".."):
-            raise NotFoundError(f"no sandbox '{sandbox_id}'", backend=self.name)
-        return self.sandboxes_dir / sandbox_id
+        return sandbox_path(self.sandboxes_dir, sandbox_id, self.name)
 
     def _meta(self, sandbox_id: str) -> _Meta:
         try:
@@ -123,29 +128,11 @@ class PodmanBackend(Backend):
         runtime = config.runtime or self.default_runtime
         get_runtime(runtime).binary()
         self.podman.binary()
-        if config.network != "none":
-            raise UnsupportedError(
-                f"network '{config.network}' is not available on the podman backend yet",
-                sandbox_id=config.sandbox_id,
-                backend=self.name,
-                hint="use network='none'",
-            )
-        sandbox_dir = self._dir(config.sandbox_id)
-        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            sandbox_dir.mkdir()
-        except FileExistsError:
-            raise SandboxStartError(
-                f"sandbox '{config.sandbox_id}' already exists",
-                sandbox_id=config.sandbox_id,
-                backend=self.name,
-            ) from None
-        try:
-            await self._create(config, runtime, sandbox_dir)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.destroy(config.sandbox_id))
-            raise
+        refuse_network(config, self.name, "use network='none'")
+        sandbox_dir = claim_dir(self.sandboxes_dir, config.sandbox_id, self.name)
+        await released_on_failure(
+            self._create(config, runtime, sandbox_dir), self.destroy, config.sandbox_id
+        )
 
     async def _create(self, config: SandboxConfig, runtime: str, sandbox_dir: Path) -> None:
         image = config.image
@@ -161,14 +148,9 @@ class PodmanBackend(Backend):
         image_name = await self.images.ensure(image, config.sandbox_id)
         # The sandbox's ids as the host sees them: shifted by UID_BASE in a user namespace.
         shift = UID_BASE if get_runtime(runtime).user_namespace else 0
-        scratch = sandbox_dir / "scratch"
-        scratch.mkdir()
-        mounts.mount_tmpfs(scratch, size=config.limits.disk)
-        for sub, mode in (("tmp", 0o1777), ("home", 0o755), ("work", 0o755)):
-            path = scratch / sub
-            path.mkdir()
-            os.chown(path, image.uid + shift, image.gid + shift)
-            path.chmod(mode)
+        scratch = make_scratch(
+            sandbox_dir, size=config.limits.disk, uid=image.uid + shift, gid=image.gid + shift
+        )
         container = CONTAINER_PREFIX + config.sandbox_id
         cgroup_parent = f"{self.cgroup_parent}/{config.sandbox_id}"
         argv = run_arguments(
