@@ -7,13 +7,18 @@
     │   ├── InvalidStateError       an illegal lifecycle transition
     │   ├── FileTooLargeError       a copy over the size limit
     │   ├── UnsupportedError        the backend or runtime cannot do this here
-    │   └── IsolationPolicyError    the template does not allow that isolation level
+    │   ├── IsolationPolicyError    the template does not allow that isolation level
+    │   ├── ConflictError           the name is taken (or a similar clash)
+    │   ├── QuotaExceededError      the tenant is at one of its quotas
+    │   ├── AuthenticationError     no API key, or an unknown one
+    │   └── PermissionDeniedError   the key may not do this (e.g. admin-only views)
     └── InfrastructureError         the host or a runtime failed
         ├── BackendUnavailableError a backend, runtime or extra is missing
         ├── ImageBuildError         realizing a template failed
         ├── SandboxStartError       create/start failed (nothing is left behind)
         ├── ExecError               the runtime could not run a command
-        └── StoreError              the state database failed
+        ├── StoreError              the state database failed
+        └── ServerUnavailableError  the Corral server cannot be reached (SDK, remote CLI)
 
 Every error carries operational facts (`sandbox_id`, `backend`, `hint`, the
 tail of the runtime's stderr) so a message says what happened and what to do.
@@ -22,7 +27,9 @@ tail of the runtime's stderr) so a message says what happened and what to do.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "BackendUnavailableError",
+    "ConflictError",
     "CorralError",
     "ExecError",
     "FileTooLargeError",
@@ -31,7 +38,10 @@ __all__ = [
     "InvalidStateError",
     "IsolationPolicyError",
     "NotFoundError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
     "SandboxStartError",
+    "ServerUnavailableError",
     "StoreError",
     "TemplateError",
     "UnsupportedError",
@@ -106,6 +116,22 @@ class IsolationPolicyError(UserError):
     """The requested isolation level is not allowed by the template."""
 
 
+class ConflictError(UserError):
+    """The request clashes with what exists (e.g. a sandbox name already in use)."""
+
+
+class QuotaExceededError(UserError):
+    """The tenant is at a quota (running sandboxes, vCPUs or memory)."""
+
+
+class AuthenticationError(UserError):
+    """No API key was given, or the key is unknown or revoked."""
+
+
+class PermissionDeniedError(UserError):
+    """The key is valid but may not do this (e.g. fleet-wide views need an admin key)."""
+
+
 class InfrastructureError(CorralError):
     """The host, a runtime or the store failed; retrying or fixing the host helps."""
 
@@ -128,3 +154,7 @@ class ExecError(InfrastructureError):
 
 class StoreError(InfrastructureError):
     """The state database could not be read or written."""
+
+
+class ServerUnavailableError(InfrastructureError):
+    """The Corral server could not be reached or answered outside the API (SDK, remote CLI)."""

@@ -1,0 +1,1 @@
+"""The HTTP API's wire format, shared by the server and the SDK (no I/O here)."""

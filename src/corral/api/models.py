@@ -1,0 +1,142 @@
+"""Request and response bodies of the /v1 API (pydantic; the OpenAPI schema comes from here).
+
+Exec output travels as NDJSON, one `ExecEventBody` per line, bytes base64-encoded
+so any output survives; the last line is always the `exit` event.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+API_PREFIX = "/v1"
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+TAR_MEDIA_TYPE = "application/x-tar"
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+Key = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Value = Annotated[str, StringConstraints(max_length=4096)]
+Size = Annotated[str, StringConstraints(min_length=1, max_length=32)] | Annotated[int, Field(ge=0)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SandboxCreate(_Body):
+    """A new sandbox. `template` names a template the server knows; `template_spec`
+    carries a whole template (the parsed TOML) instead, without host mounts."""
+
+    template: str = Field(default="default", max_length=255)
+    template_spec: dict[str, Any] | None = None
+    runtime: str | None = Field(default=None, max_length=32)
+    memory: Size | None = None
+    cpus: float | None = Field(default=None, gt=0, le=256)
+    pids: int | None = Field(default=None, ge=8, le=1 << 22)
+    disk: Size | None = None
+    cpuset: str | None = Field(default=None, max_length=64)
+    timeout: float | None = Field(default=None, gt=0, le=30 * 86400)
+    env: dict[Key, Value] = Field(default_factory=dict)
+    labels: dict[Key, Value] = Field(default_factory=dict)
+    metadata: dict[Key, Any] = Field(default_factory=dict)
+    name: Name | None = None
+
+
+class SandboxPatch(_Body):
+    """Labels and metadata to merge in; a null value removes that key."""
+
+    labels: dict[Key, Value | None] = Field(default_factory=dict)
+    metadata: dict[Key, Any] = Field(default_factory=dict)
+
+
+class TimeoutUpdate(_Body):
+    """The sandbox is reaped `seconds` from now (set or extend)."""
+
+    seconds: float = Field(gt=0, le=30 * 86400)
+
+
+class Sandbox(BaseModel):
+    id: str
+    name: str | None
+    tenant: str
+    template: str
+    backend: str
+    runtime: str | None
+    state: str
+    kind: str
+    image_digest: str | None
+    created_at: float
+    expires_at: float | None
+    labels: dict[str, str]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class ExecBody(_Body):
+    argv: list[Annotated[str, StringConstraints(max_length=131072)]] = Field(min_length=1)
+    env: dict[Key, Value] = Field(default_factory=dict)
+    cwd: str | None = Field(default=None, max_length=4096)
+    stdin: str | None = Field(default=None, description="base64 bytes fed to the command")
+    timeout: float | None = Field(default=None, gt=0, le=86400)
+
+    def stdin_bytes(self) -> bytes | None:
+        return None if self.stdin is None else base64.b64decode(self.stdin, validate=True)
+
+
+class ExecEventBody(BaseModel):
+    """One NDJSON line: output (`stdout`/`stderr`, base64 `data`) or the final `exit`."""
+
+    type: Literal["stdout", "stderr", "exit"]
+    data: str | None = None
+    exit_code: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    duration: float | None = None
+    reason: str | None = None
+
+
+class Stats(BaseModel):
+    memory_bytes: int
+    memory_limit: int
+    cpu_seconds: float
+    pids: int
+    pids_limit: int
+    oom_kills: int = 0
+
+
+class TemplateInfo(BaseModel):
+    name: str
+    description: str
+    base: str
+    isolation: list[str]
+    kind: str
+    resources: dict[str, Any]
+    timeout: int
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    version: str
+    backend: str | None = None
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+class Quota(BaseModel):
+    max_sandboxes: int | None = None
+    max_vcpus: float | None = None
+    max_memory: int | None = None
+
+
+class Usage(BaseModel):
+    sandboxes: int
+    vcpus: float
+    memory: int
+
+
+class TenantInfo(BaseModel):
+    name: str
+    quota: Quota
+    usage: Usage
