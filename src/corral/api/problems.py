@@ -18,10 +18,10 @@ _PREFIX = "urn:corral:problem:"
 PROBLEMS: tuple[tuple[type[errors.CorralError], str, int, str], ...] = (
     (errors.TemplateError, "template-invalid", 422, "The template is not valid"),
     (errors.NotFoundError, "not-found", 404, "Not found"),
-    (errors.InvalidStateError, "invalid-state", 409, "The sandbox is not in a state that allows this"),
+    (errors.InvalidStateError, "invalid-state", 409, "The sandbox state does not allow this"),
     (errors.FileTooLargeError, "file-too-large", 413, "The file is over the size limit"),
     (errors.UnsupportedError, "unsupported", 422, "Not supported by this backend or runtime"),
-    (errors.IsolationPolicyError, "isolation-policy", 422, "The template does not allow that isolation level"),
+    (errors.IsolationPolicyError, "isolation-policy", 422, "Isolation level not allowed"),
     (errors.ConflictError, "conflict", 409, "Conflict"),
     (errors.QuotaExceededError, "quota-exceeded", 429, "Quota exceeded"),
     (errors.AuthenticationError, "unauthenticated", 401, "A valid API key is required"),
