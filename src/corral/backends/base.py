@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -107,7 +107,8 @@ class ExecRequest:
     argv: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None  # None: the image's workdir
-    stdin: bytes | None = None
+    # All of stdin up front, or chunks as they come (closed when the iterable ends).
+    stdin: bytes | AsyncIterable[bytes] | None = None
     timeout: float | None = None  # seconds; None: no limit
 
 

@@ -50,7 +50,9 @@ async def builtin_handler(sandbox: FakeSandbox, request: ExecRequest) -> tuple[i
     if name == "false":
         return 1, b"", b""
     if name == "cat":
-        return 0, request.stdin or b"", b""
+        if request.stdin is None or isinstance(request.stdin, bytes):
+            return 0, request.stdin or b"", b""
+        return 0, b"".join([chunk async for chunk in request.stdin]), b""
     if name == "sleep":
         await asyncio.sleep(float(args[0]))
         return 0, b"", b""

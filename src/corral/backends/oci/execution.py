@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import AsyncIterable
 
 from corral.backends.base import ExecRequest, ExitStatus, Output
 from corral.backends.oci.runtimes import OciRuntime
@@ -86,9 +87,15 @@ async def pump(
         await queue.put(None)
 
 
-async def feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
+async def feed(proc: asyncio.subprocess.Process, data: bytes | AsyncIterable[bytes]) -> None:
+    """Write stdin to the command (all at once, or chunk by chunk as it arrives), then close."""
     assert proc.stdin is not None
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        proc.stdin.write(data)
-        await proc.stdin.drain()
+        if isinstance(data, bytes):
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+        else:
+            async for chunk in data:
+                proc.stdin.write(chunk)
+                await proc.stdin.drain()
         proc.stdin.close()
