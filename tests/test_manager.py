@@ -119,7 +119,10 @@ async def test_gc_reaps_expired_orphans_and_lost(manager: SandboxManager) -> Non
     assert report["expired"] == [expired.id]
     assert report["lost"] == [lost.id]
     assert report["orphans"] == [orphan.id]
-    assert [r.id for r in manager.list()] == [alive.id]
+    assert sorted(report["adopted"]) == sorted([expired.id, alive.id])
+    # A lost sandbox stays on record, marked, until its owner deletes it.
+    assert {r.id: r.state for r in manager.list()} == {alive.id: "running", lost.id: "failed"}
+    assert "lost" in (manager.get(lost.id).error or "")
     assert sorted(fake(manager).sandboxes) == [alive.id]
 
 

@@ -30,6 +30,19 @@ class PodmanSettings(BaseModel):
     runtime: Literal["crun", "runc", "runsc"] = "crun"
 
 
+class ServerSettings(BaseModel):
+    """`corral serve`: where it listens and how it keeps sandboxes in order."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"  # loopback unless the operator says otherwise
+    port: int = Field(default=7070, ge=0, le=65535)
+    templates_dir: Path | None = None  # extra *.toml templates offered to tenants
+    reap_interval: float = Field(default=1.0, gt=0)
+    max_upload_bytes: int = Field(default=64 << 20, ge=1)
+    # Bases a template sent with a request may use (a debian base runs mmdebstrap).
+    allowed_bases: tuple[str, ...] = ("host", "busybox", "debian:bookworm")
+
+
 class Settings(BaseModel):
     """Corral's configuration; each backend owns its own section."""
 
@@ -38,8 +51,11 @@ class Settings(BaseModel):
     backend: str = "oci"
     default_template: str = "default"
     max_file_bytes: int = Field(default=64 << 20, ge=1)
+    # None: SQLite in the state directory; else e.g. postgresql+psycopg://user@/corral
+    database_url: str | None = None
     oci: OciSettings = OciSettings()
     podman: PodmanSettings = PodmanSettings()
+    server: ServerSettings = ServerSettings()
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -51,7 +67,11 @@ class Settings(BaseModel):
                 data = tomllib.loads(path.read_text())
             except tomllib.TOMLDecodeError as exc:
                 raise UserError(f"{path}: not valid TOML ({exc})", hint="fix the file") from None
-        for key, field in (("CORRAL_STATE_DIR", "state_dir"), ("CORRAL_BACKEND", "backend")):
+        for key, field in (
+            ("CORRAL_STATE_DIR", "state_dir"),
+            ("CORRAL_BACKEND", "backend"),
+            ("CORRAL_DATABASE_URL", "database_url"),
+        ):
             if env.get(key):
                 data[field] = env[key]
         runtime = env.get("CORRAL_RUNTIME") or None

@@ -7,7 +7,6 @@ import json
 import sys
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
@@ -28,33 +27,33 @@ class CliState:
     backend: str | None = None
     runtime: str | None = None
 
-    def settings(self) -> Settings:
-        return Settings.load(state_dir=self.state_dir, backend=self.backend, runtime=self.runtime)
+    def settings(self, **overrides: Any) -> Settings:
+        return Settings.load(
+            state_dir=self.state_dir, backend=self.backend, runtime=self.runtime, **overrides
+        )
 
     def manager(self) -> SandboxManager:
-        from corral.backends.registry import load_backend
-        from corral.images import ImageStore
         from corral.runtime.manager import SandboxManager
-        from corral.store import Store
 
         settings = self.settings()
-        store = _STORES.get(settings.state_dir)
+        return SandboxManager.from_settings(settings, self.store(settings))
+
+    def store(self, settings: Settings | None = None) -> Store:
+        from corral.store import Store
+
+        settings = settings or self.settings()
+        key = settings.database_url or str(settings.state_dir)
+        store = _STORES.get(key)
         if store is None:
-            store = _STORES[settings.state_dir] = Store.for_state_dir(settings.state_dir)
-        return SandboxManager(
-            load_backend(settings),
-            store,
-            ImageStore(settings.state_dir / "images"),
-            max_file_bytes=settings.max_file_bytes,
-            default_runtime=settings.oci.runtime if settings.backend == "oci" else None,
-        )
+            store = _STORES[key] = Store.open(settings.database_url, settings.state_dir)
+        return store
 
 
 STATE = CliState()
 # Stores opened in this process, by state dir. The command server opens its store
 # before forking (engine built, migrations checked, pool emptied), so each forked
 # command starts with it ready and opens only its own connection.
-_STORES: dict[Path, Store] = {}
+_STORES: dict[str, Store] = {}
 
 
 def fail(error: CorralError, *, code: int = 1) -> NoReturn:

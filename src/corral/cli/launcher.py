@@ -134,9 +134,29 @@ def start_server(state_dir: str) -> None:
     )
 
 
+# Global options that take a value (to find the command name after them).
+_VALUE_OPTIONS = ("--state-dir", "--backend", "--runtime", "--context")
+# Long-running commands: never through (or starting) a command server.
+IN_PROCESS_COMMANDS = ("serve",)
+
+
+def command_name(argv: list[str]) -> str | None:
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUE_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main() -> None:
     argv = sys.argv[1:]
     mode = os.environ.get("CORRAL_CLI_SERVER", "1")
+    if command_name(argv) in IN_PROCESS_COMMANDS:
+        mode = "0"
     if mode != "0":
         state_dir = state_dir_from(argv, os.environ)
         path = os.path.join(state_dir, SOCKET_NAME)

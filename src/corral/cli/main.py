@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 import typer.main
 
-from corral.cli import host_cmds, images_cmds
+from corral.cli import host_cmds, images_cmds, server_cmds
 from corral.cli._common import STATE, fail, parse_env, parse_labels, print_json, run_async
 from corral.errors import UserError
 
@@ -32,6 +32,9 @@ app = typer.Typer(
 app.add_typer(images_cmds.app, name="images")
 app.add_typer(host_cmds.app, name="host")
 app.command("doctor")(host_cmds.doctor)
+app.command("serve")(server_cmds.serve)
+app.add_typer(server_cmds.tenants_app, name="tenants")
+app.add_typer(server_cmds.keys_app, name="keys")
 
 CORRAL_FAILED = 125  # `run`/`exec`: Corral itself failed (the command's codes pass through)
 

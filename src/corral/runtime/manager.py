@@ -6,13 +6,23 @@ crash at any point leaves a record (or a backend leftover) that `gc` settles.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
+import os
 import secrets
+import socket
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from corral.backends.base import (
     Backend,
@@ -21,23 +31,28 @@ from corral.backends.base import (
     ExecRequest,
     ExecResult,
     HostMount,
+    Output,
     SandboxConfig,
     SandboxLimits,
     SandboxStats,
 )
 from corral.errors import (
+    ExecError,
     FileTooLargeError,
     InvalidStateError,
     IsolationPolicyError,
     NotFoundError,
+    QuotaExceededError,
+    UserError,
 )
 from corral.runtime.hostpaths import resolve_mount_source
 from corral.runtime.state import SandboxState, check_transition
 from corral.spec.template import Isolation, Template, load_template
 from corral.spec.units import parse_size
-from corral.store import SandboxRecord, Store
+from corral.store import Quota, SandboxRecord, Store, Usage
 
 if TYPE_CHECKING:
+    from corral.config import Settings
     from corral.images import ImageStore
 
 RUNTIME_ISOLATION = {
@@ -50,6 +65,27 @@ STALE_TRANSITION_SECONDS = 600.0
 
 def new_sandbox_id() -> str:
     return "sb-" + secrets.token_hex(6)
+
+
+def this_process() -> str:
+    """The owner tag written on records this process is changing ("host:pid")."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether the process that tagged a record may still be working on it."""
+    if owner is None:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True  # another host's process: only the stale timeout settles it
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class SandboxManager:
@@ -70,6 +106,23 @@ class SandboxManager:
         self.max_file_bytes = max_file_bytes
         self.default_runtime = default_runtime
 
+    @classmethod
+    def from_settings(cls, settings: Settings, store: Store | None = None) -> SandboxManager:
+        """The manager a CLI command or server uses: the configured backend, database
+        (`store`, when the caller keeps one open) and image store."""
+        from corral.backends.registry import load_backend
+        from corral.images import ImageStore
+
+        if store is None:
+            store = Store.open(settings.database_url, settings.state_dir)
+        return cls(
+            load_backend(settings),
+            store,
+            ImageStore(settings.state_dir / "images"),
+            max_file_bytes=settings.max_file_bytes,
+            default_runtime=settings.oci.runtime if settings.backend == "oci" else None,
+        )
+
     # -- create / destroy -----------------------------------------------------
 
     async def create(
@@ -85,13 +138,18 @@ class SandboxManager:
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        metadata: Mapping[str, object] | None = None,
         name: str | None = None,
+        tenant: str = "local",
         progress: bool = False,
     ) -> SandboxRecord:
-        """Create and start a sandbox; on failure nothing is left (record included)."""
+        """Create and start a sandbox for `tenant`; on failure nothing is left (record
+        included). The tenant's quota is checked in the same transaction as the insert."""
         spec = template if isinstance(template, Template) else load_template(template)
         runtime = self._choose_runtime(spec, runtime)
-        image = self.images.build(spec, progress=progress)
+        # In a thread: a first build of a template can take a while, and a server's
+        # other requests must not wait on it.
+        image = await asyncio.to_thread(self.images.build, spec, progress=progress)
         defaults = spec.resources
         limits = SandboxLimits(
             vcpus=float(cpus if cpus is not None else defaults.vcpus),
@@ -118,6 +176,9 @@ class SandboxManager:
         sandbox_timeout = timeout if timeout is not None else spec.timeout
         record = SandboxRecord(
             id=sandbox_id,
+            tenant=tenant,
+            owner=this_process(),
+            metadata=dict(metadata or {}),
             name=name,
             template=spec.name,
             backend=self.backend.name,
@@ -141,7 +202,11 @@ class SandboxManager:
                 "env": dict(env or {}),
             },
         )
-        self.store.insert(record)
+        quota = self.store.tenants.find(tenant)
+        self.store.insert(
+            record,
+            check=None if quota is None else _quota_check(tenant, quota.quota, limits),
+        )
         config = SandboxConfig(
             sandbox_id=sandbox_id,
             image=image.to_ref(),
@@ -155,20 +220,28 @@ class SandboxManager:
         try:
             await self.backend.create(config)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await self.backend.destroy(sandbox_id)
-            self.store.delete(sandbox_id)
+            # Shielded: a caller cancelled mid-create (a client hung up) must still
+            # get the release done, or the sandbox would outlive its record.
+            await asyncio.shield(self._abandon(sandbox_id))
             raise
-        return self.store.update(sandbox_id, state=SandboxState.RUNNING)
+        return self.store.update(sandbox_id, state=SandboxState.RUNNING, owner=None)
+
+    async def _abandon(self, sandbox_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.backend.destroy(sandbox_id)
+        self.store.delete(sandbox_id)
 
     async def destroy(self, sandbox_id: str, *, tenant: str | None = None) -> None:
         """Release everything; NotFoundError when the sandbox is already gone."""
         record = self.store.get(sandbox_id, tenant=tenant)
         if record.state != SandboxState.DESTROYING:
             check_transition(SandboxState(record.state), SandboxState.DESTROYING, record.id)
-            self.store.update(record.id, state=SandboxState.DESTROYING)
-        await self.backend.destroy(record.id)
-        self.store.delete(record.id)
+            self.store.update(record.id, state=SandboxState.DESTROYING, owner=this_process())
+        await asyncio.shield(self._release(record.id))
+
+    async def _release(self, sandbox_id: str) -> None:
+        await self.backend.destroy(sandbox_id)
+        self.store.delete(sandbox_id)
 
     # -- use ------------------------------------------------------------------
 
@@ -178,8 +251,37 @@ class SandboxManager:
     def list(self, **filters: Any) -> list[SandboxRecord]:
         return self.store.list(**filters)
 
-    def _running(self, sandbox_id: str) -> SandboxRecord:
-        record = self.store.get(sandbox_id)
+    def set_timeout(
+        self, sandbox_id: str, seconds: float, *, tenant: str | None = None
+    ) -> SandboxRecord:
+        """Reap the sandbox `seconds` from now (extends or shortens its life)."""
+        record = self.store.get(sandbox_id, tenant=tenant)
+        if record.kind != "ephemeral":
+            raise InvalidStateError(
+                "a persistent sandbox has no timeout",
+                sandbox_id=record.id,
+                hint="destroy it when it is no longer needed",
+            )
+        if record.state not in (SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.STOPPED):
+            raise InvalidStateError(f"sandbox is {record.state}", sandbox_id=record.id)
+        return self.store.update(record.id, expires_at=time.time() + seconds)
+
+    def update(
+        self,
+        sandbox_id: str,
+        *,
+        labels: Mapping[str, str | None] | None = None,
+        metadata: Mapping[str, object] | None = None,
+        tenant: str | None = None,
+    ) -> SandboxRecord:
+        """Merge labels and metadata into the record; a None value removes that key."""
+        record = self.store.get(sandbox_id, tenant=tenant)
+        merged_labels = _merge(record.labels, labels or {})
+        merged_meta = _merge(record.metadata, metadata or {})
+        return self.store.update(record.id, labels=merged_labels, metadata=merged_meta)
+
+    def _running(self, sandbox_id: str, tenant: str | None = None) -> SandboxRecord:
+        record = self.store.get(sandbox_id, tenant=tenant)
         if record.state != SandboxState.RUNNING:
             raise InvalidStateError(
                 f"sandbox is {record.state}, not running",
@@ -195,82 +297,154 @@ class SandboxManager:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
-        stdin: bytes | None = None,
+        stdin: bytes | AsyncIterable[bytes] | None = None,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> AsyncIterator[ExecEvent]:
-        record = self._running(sandbox_id)
+        record = self._running(sandbox_id, tenant)
         request = ExecRequest(
             list(argv), env=dict(env or {}), cwd=cwd, stdin=stdin, timeout=timeout
         )
         return self.backend.exec_stream(record.id, request)
 
-    async def exec(self, sandbox_id: str, argv: Sequence[str], **kwargs: Any) -> ExecResult:
-        record = self._running(sandbox_id)
+    async def exec(
+        self, sandbox_id: str, argv: Sequence[str], *, tenant: str | None = None, **kwargs: Any
+    ) -> ExecResult:
+        record = self._running(sandbox_id, tenant)
         return await self.backend.exec(record.id, ExecRequest(list(argv), **kwargs))
 
-    async def put_file(self, sandbox_id: str, path: str, data: bytes, mode: int = 0o644) -> None:
-        if len(data) > self.max_file_bytes:
-            raise FileTooLargeError(
-                f"file of {len(data)} bytes is over the limit of {self.max_file_bytes} bytes",
-                sandbox_id=sandbox_id,
-                hint="copy a smaller file or raise max_file_bytes in the configuration",
-            )
-        record = self._running(sandbox_id)
+    async def put_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        data: bytes,
+        mode: int = 0o644,
+        *,
+        tenant: str | None = None,
+    ) -> None:
+        self._check_size(sandbox_id, len(data))
+        record = self._running(sandbox_id, tenant)
         await self.backend.put_file(record.id, path, data, mode)
 
-    async def get_file(self, sandbox_id: str, path: str) -> bytes:
-        record = self._running(sandbox_id)
+    async def get_file(self, sandbox_id: str, path: str, *, tenant: str | None = None) -> bytes:
+        record = self._running(sandbox_id, tenant)
         return await self.backend.get_file(record.id, path, self.max_file_bytes)
 
-    async def stats(self, sandbox_id: str) -> SandboxStats:
-        return await self.backend.stats(self._running(sandbox_id).id)
+    async def put_archive(
+        self, sandbox_id: str, path: str, tar: bytes, *, tenant: str | None = None
+    ) -> None:
+        """Unpack a tar stream into directory `path` (made if missing), as the sandbox
+        user and inside the sandbox, so entries cannot land outside what it may write."""
+        self._check_size(sandbox_id, len(tar))
+        record = self._running(sandbox_id, tenant)
+        script = 'mkdir -p "$1" && tar -x -f - -C "$1"'
+        result = await self.backend.exec(
+            record.id, ExecRequest(["/bin/sh", "-c", script, "sh", _absolute(path)], stdin=tar)
+        )
+        if not result.ok:
+            raise _tar_error(record.id, path, "unpack", result)
 
-    async def pause(self, sandbox_id: str) -> None:
-        record = self._running(sandbox_id)
+    async def get_archive(self, sandbox_id: str, path: str, *, tenant: str | None = None) -> bytes:
+        """A tar of directory `path`'s contents; FileTooLargeError past the file limit."""
+        record = self._running(sandbox_id, tenant)
+        script = 'test -d "$1" || { echo "not a directory" >&2; exit 2; }; tar -c -f - -C "$1" .'
+        request = ExecRequest(["/bin/sh", "-c", script, "sh", _absolute(path)])
+        chunks: builtins.list[bytes] = []
+        stderr = b""
+        size = 0
+        stream = self.backend.exec_stream(record.id, request)
+        async with contextlib.aclosing(cast("AsyncGenerator[ExecEvent]", stream)) as events:
+            async for event in events:
+                if isinstance(event, Output):
+                    if event.stream == "stderr":
+                        stderr += event.data
+                        continue
+                    size += len(event.data)
+                    self._check_size(record.id, size)
+                    chunks.append(event.data)
+                elif event.exit_code != 0:
+                    result = ExecResult(event.exit_code, b"", stderr)
+                    raise _tar_error(record.id, path, "pack", result)
+        return b"".join(chunks)
+
+    def _check_size(self, sandbox_id: str, size: int) -> None:
+        if size > self.max_file_bytes:
+            raise FileTooLargeError(
+                f"{size} bytes is over the limit of {self.max_file_bytes} bytes",
+                sandbox_id=sandbox_id,
+                hint="copy less at once or raise max_file_bytes in the configuration",
+            )
+
+    async def stats(self, sandbox_id: str, *, tenant: str | None = None) -> SandboxStats:
+        return await self.backend.stats(self._running(sandbox_id, tenant).id)
+
+    async def pause(self, sandbox_id: str, *, tenant: str | None = None) -> SandboxRecord:
+        record = self._running(sandbox_id, tenant)
         await self.backend.pause(record.id)
-        self.store.update(record.id, state=SandboxState.PAUSED)
+        return self.store.update(record.id, state=SandboxState.PAUSED)
 
-    async def resume(self, sandbox_id: str) -> None:
-        record = self.store.get(sandbox_id)
+    async def resume(self, sandbox_id: str, *, tenant: str | None = None) -> SandboxRecord:
+        record = self.store.get(sandbox_id, tenant=tenant)
         check_transition(SandboxState(record.state), SandboxState.RUNNING, record.id)
         await self.backend.resume(record.id)
-        self.store.update(record.id, state=SandboxState.RUNNING)
+        return self.store.update(record.id, state=SandboxState.RUNNING)
 
     # -- housekeeping ---------------------------------------------------------
 
-    async def gc(self, *, now: float | None = None) -> dict[str, builtins.list[str]]:
-        """Settle store and backend: reap expired, destroy orphans, drop lost records."""
+    async def reap(self, *, now: float | None = None) -> builtins.list[str]:
+        """Destroy ephemeral sandboxes whose timeout has passed; their ids."""
         now = time.time() if now is None else now
-        report: dict[str, builtins.list[str]] = {
-            "expired": [],
-            "orphans": [],
-            "lost": [],
-            "stale": [],
-        }
-        for record in self.store.list():
-            if record.backend != self.backend.name:
+        reaped = []
+        for record in self.store.list(expired_before=now, backend=self.backend.name):
+            if record.kind != "ephemeral":
                 continue
-            stale = (
-                record.state in (SandboxState.CREATING, SandboxState.DESTROYING)
-                and now - record.updated_at > STALE_TRANSITION_SECONDS
-            )
-            if record.expires_at is not None and record.expires_at <= now:
-                report["expired"].append(record.id)
-            elif stale or record.state == SandboxState.FAILED:
-                report["stale"].append(record.id)
-            elif await self.backend.status(record.id) == BackendStatus.MISSING:
+            if record.state in (SandboxState.CREATING, SandboxState.DESTROYING) and owner_alive(
+                record.owner
+            ):
+                continue  # someone is still on it; the next pass gets it
+            with contextlib.suppress(NotFoundError):
+                self.store.update(record.id, state=SandboxState.DESTROYING, owner=this_process())
+                await asyncio.shield(self._release(record.id))
+                reaped.append(record.id)
+        return reaped
+
+    async def reconcile(self, *, now: float | None = None) -> dict[str, builtins.list[str]]:
+        """Settle the store with what the backend holds (at server start and in `gc`):
+        adopt what still runs, finish creates/destroys whose process died, mark as
+        failed what the backend lost, destroy what has no record."""
+        now = time.time() if now is None else now
+        report: dict[str, builtins.list[str]] = {"adopted": [], "stale": [], "lost": []}
+        for record in self.store.list(backend=self.backend.name):
+            if record.state in (SandboxState.CREATING, SandboxState.DESTROYING):
+                abandoned = not owner_alive(record.owner)
+                if abandoned or now - record.updated_at > STALE_TRANSITION_SECONDS:
+                    await asyncio.shield(self._release(record.id))
+                    report["stale"].append(record.id)
+                continue
+            if record.state == SandboxState.FAILED:
+                continue
+            status = await self.backend.status(record.id)
+            if status == BackendStatus.MISSING:
+                self.store.update(
+                    record.id,
+                    state=SandboxState.FAILED,
+                    error="lost: the backend no longer holds this sandbox (e.g. host reboot)",
+                )
                 report["lost"].append(record.id)
-                self.store.delete(record.id)
-                continue
             else:
-                continue
-            await self.backend.destroy(record.id)
-            self.store.delete(record.id)
+                report["adopted"].append(record.id)
         known = self.store.ids()
+        report["orphans"] = []
         for sandbox_id in await self.backend.list_sandboxes():
             if sandbox_id not in known:
                 await self.backend.destroy(sandbox_id)
                 report["orphans"].append(sandbox_id)
+        return report
+
+    async def gc(self, *, now: float | None = None) -> dict[str, builtins.list[str]]:
+        """Reconcile, then reap what expired (`corral gc`; the server does both itself)."""
+        report = await self.reconcile(now=now)
+        report["expired"] = await self.reap(now=now)
         return report
 
     def _choose_runtime(self, spec: Template, runtime: str | None) -> str | None:
@@ -300,3 +474,51 @@ class SandboxManager:
                 backend=self.backend.name,
                 hint="choose a runtime or backend that gives an allowed level",
             )
+
+
+def _quota_check(tenant: str, quota: Quota, limits: SandboxLimits) -> Callable[[Usage], None]:
+    def check(usage: Usage) -> None:
+        over = []
+        if quota.max_sandboxes is not None and usage.sandboxes + 1 > quota.max_sandboxes:
+            over.append(f"{usage.sandboxes + 1} sandboxes (quota {quota.max_sandboxes})")
+        if quota.max_vcpus is not None and usage.vcpus + limits.vcpus > quota.max_vcpus + 1e-9:
+            over.append(f"{usage.vcpus + limits.vcpus:g} vCPUs (quota {quota.max_vcpus:g})")
+        if quota.max_memory is not None and usage.memory + limits.memory > quota.max_memory:
+            over.append(
+                f"{(usage.memory + limits.memory) >> 20} MiB of memory"
+                f" (quota {quota.max_memory >> 20} MiB)"
+            )
+        if over:
+            raise QuotaExceededError(
+                f"tenant '{tenant}' would have " + ", ".join(over),
+                hint="destroy sandboxes you no longer need, or ask an operator to raise"
+                " the quota (`corral tenants quota`)",
+            )
+
+    return check
+
+
+def _merge(current: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(current)
+    for key, value in changes.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _absolute(path: str) -> str:
+    if not path.startswith("/") or "\0" in path:
+        raise UserError(f"'{path}' is not an absolute path", hint="e.g. /work/src")
+    return path
+
+
+def _tar_error(sandbox_id: str, path: str, verb: str, result: ExecResult) -> ExecError:
+    tail = result.stderr.decode(errors="replace")[-500:]
+    return ExecError(
+        f"cannot {verb} '{path}' (tar exited {result.exit_code})",
+        sandbox_id=sandbox_id,
+        stderr_tail=tail,
+        hint="check the directory exists and the sandbox user may read/write it",
+    )

@@ -1,5 +1,6 @@
 """The state store: sandbox records in SQLite (default) or PostgreSQL, via SQLAlchemy Core."""
 
-from corral.store.db import SandboxRecord, Store
+from corral.store.db import LIVE_STATES, SandboxRecord, Store, Usage
+from corral.store.tenants import ApiKey, Quota, Tenant, Tenants
 
-__all__ = ["SandboxRecord", "Store"]
+__all__ = ["LIVE_STATES", "ApiKey", "Quota", "SandboxRecord", "Store", "Tenant", "Tenants", "Usage"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,10 +17,11 @@ from typing import Any
 
 from sqlalchemy import Connection, create_engine, event, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from corral.errors import NotFoundError, StoreError
-from corral.store.schema import HEAD_REVISION, sandboxes
+from corral.errors import ConflictError, NotFoundError, StoreError
+from corral.store.schema import HEAD_REVISION, sandboxes, tenants
+from corral.store.tenants import Tenants
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,13 @@ class SandboxRecord:
     labels: Mapping[str, str] = field(default_factory=dict)
     spec: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    owner: str | None = None
+
+    @property
+    def limits(self) -> Mapping[str, Any]:
+        limits: Mapping[str, Any] = self.spec.get("limits", {})
+        return limits
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +67,7 @@ class SandboxRecord:
             "labels": dict(self.labels),
             "spec": dict(self.spec),
             "error": self.error,
+            "metadata": dict(self.metadata),
         }
 
 
@@ -66,7 +75,32 @@ def _row_to_record(row: Any) -> SandboxRecord:
     data = dict(row._mapping)
     data["labels"] = json.loads(data["labels"])
     data["spec"] = json.loads(data["spec"])
+    data["metadata"] = json.loads(data.pop("meta"))
     return SandboxRecord(**data)
+
+
+def _columns(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Record fields as column values (JSON columns serialized)."""
+    columns = dict(values)
+    for key in ("labels", "spec"):
+        if key in columns:
+            columns[key] = json.dumps(dict(columns[key]), sort_keys=True)
+    if "metadata" in columns:
+        columns["meta"] = json.dumps(dict(columns.pop("metadata")), sort_keys=True)
+    return columns
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a tenant's live sandboxes hold."""
+
+    sandboxes: int = 0
+    vcpus: float = 0.0
+    memory: int = 0
+
+
+# States whose sandboxes count against a tenant's quota.
+LIVE_STATES = ("creating", "running", "paused", "stopped")
 
 
 class Store:
@@ -81,6 +115,12 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._migrate()
+        self.tenants = Tenants(self)
+
+    @classmethod
+    def open(cls, database_url: str | None, state_dir: Path) -> Store:
+        """The configured database, else SQLite in the state directory."""
+        return cls(database_url) if database_url else cls.for_state_dir(state_dir)
 
     @classmethod
     def for_state_dir(cls, state_dir: Path) -> Store:
@@ -115,15 +155,57 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """StoreError unless the database answers."""
+        with self._begin() as conn:
+            conn.execute(text("SELECT 1"))
+
     # -- sandboxes ------------------------------------------------------------
 
-    def insert(self, record: SandboxRecord) -> None:
-        values = record.to_json()
-        values["labels"] = json.dumps(values["labels"], sort_keys=True)
-        values["spec"] = json.dumps(values["spec"], sort_keys=True)
+    def insert(
+        self, record: SandboxRecord, *, check: Callable[[Usage], None] | None = None
+    ) -> None:
+        """Add `record`. `check` sees the tenant's usage in the same transaction (with
+        the tenant's row locked where the database can) and raises to refuse."""
+        values = _columns(record.to_json())
         values["updated_at"] = record.updated_at
+        values["owner"] = record.owner
+        try:
+            with self._begin() as conn:
+                if check is not None:
+                    conn.execute(
+                        select(tenants.c.name)
+                        .where(tenants.c.name == record.tenant)
+                        .with_for_update()
+                    )
+                    check(self._usage(conn, record.tenant))
+                conn.execute(sandboxes.insert().values(**values))
+        except StoreError as error:
+            if isinstance(error.__cause__, IntegrityError) and record.name:
+                raise ConflictError(
+                    f"a sandbox named '{record.name}' already exists",
+                    hint="choose another name, or destroy the other sandbox first",
+                ) from None
+            raise
+
+    def usage(self, tenant: str) -> Usage:
         with self._begin() as conn:
-            conn.execute(sandboxes.insert().values(**values))
+            return self._usage(conn, tenant)
+
+    @staticmethod
+    def _usage(conn: Connection, tenant: str) -> Usage:
+        rows = conn.execute(
+            select(sandboxes.c.spec).where(
+                (sandboxes.c.tenant == tenant) & sandboxes.c.state.in_(LIVE_STATES)
+            )
+        )
+        count, vcpus, memory = 0, 0.0, 0
+        for (spec,) in rows:
+            limits = json.loads(spec).get("limits", {})
+            count += 1
+            vcpus += float(limits.get("vcpus", 0))
+            memory += int(limits.get("memory", 0))
+        return Usage(count, vcpus, memory)
 
     def get(self, sandbox_id: str, *, tenant: str | None = None) -> SandboxRecord:
         query = select(sandboxes).where(
@@ -147,22 +229,29 @@ class Store:
         tenant: str | None = None,
         states: tuple[str, ...] | None = None,
         label: tuple[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        backend: str | None = None,
+        expired_before: float | None = None,
     ) -> list[SandboxRecord]:
-        query = select(sandboxes).order_by(sandboxes.c.created_at)
+        query = select(sandboxes).order_by(sandboxes.c.created_at, sandboxes.c.id)
         if tenant is not None:
             query = query.where(sandboxes.c.tenant == tenant)
         if states:
             query = query.where(sandboxes.c.state.in_(states))
+        if backend is not None:
+            query = query.where(sandboxes.c.backend == backend)
+        if expired_before is not None:
+            query = query.where(sandboxes.c.expires_at <= expired_before)
         with self._begin() as conn:
             records = [_row_to_record(row) for row in conn.execute(query)]
+        wanted = dict(labels or {})
         if label is not None:
-            records = [r for r in records if r.labels.get(label[0]) == label[1]]
-        return records
+            wanted[label[0]] = label[1]
+        return [r for r in records if all(r.labels.get(k) == v for k, v in wanted.items())]
 
     def update(self, sandbox_id: str, **changes: Any) -> SandboxRecord:
+        changes = _columns(changes)
         changes["updated_at"] = time.time()
-        if "labels" in changes:
-            changes["labels"] = json.dumps(dict(changes["labels"]), sort_keys=True)
         statement = (
             sandboxes.update()
             .where(sandboxes.c.id == sandbox_id)
@@ -192,4 +281,4 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-__all__ = ["SandboxRecord", "Store", "replace"]
+__all__ = ["LIVE_STATES", "SandboxRecord", "Store", "Usage", "replace"]

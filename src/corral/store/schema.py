@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, Index, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 
 metadata = MetaData()
 
@@ -24,9 +36,39 @@ sandboxes = Table(
     Column("labels", Text, nullable=False, default="{}"),
     Column("spec", Text, nullable=False, default="{}"),
     Column("error", Text, nullable=True),
+    # Free-form JSON the caller attached (labels are for filtering, this is for the rest).
+    Column("meta", Text, nullable=False, default="{}"),
+    # "host:pid" of the process in the middle of creating/destroying it; a record left
+    # in a transition by a process that is gone is settled by reconcile.
+    Column("owner", String(160), nullable=True),
 )
 Index("ix_sandboxes_state", sandboxes.c.state)
 Index("ix_sandboxes_tenant", sandboxes.c.tenant)
+# Names are unique per tenant (NULL names never clash).
+Index("ux_sandboxes_tenant_name", sandboxes.c.tenant, sandboxes.c.name, unique=True)
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("max_sandboxes", Integer, nullable=True),  # NULL: no limit
+    Column("max_vcpus", Float, nullable=True),
+    Column("max_memory", BigInteger, nullable=True),  # bytes
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),  # the public part of the key
+    Column("tenant", String(64), ForeignKey("tenants.name"), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("admin", Boolean, nullable=False, default=False),
+    Column("description", String(255), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+Index("ix_api_keys_tenant", api_keys.c.tenant)
 
 # The newest migration; the store skips Alembic entirely when the database has it.
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"

@@ -1,0 +1,151 @@
+"""Exec: output streamed as NDJSON while the command runs, or over a WebSocket with stdin."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from corral.api.models import NDJSON_MEDIA_TYPE, ExecBody, ExecEventBody
+from corral.api.problems import to_problem
+from corral.backends.base import ExecEvent, Output
+from corral.errors import CorralError, UserError
+from corral.server.app import runtime_of
+from corral.server.auth import Caller, CallerDep, authenticate
+
+router = APIRouter(tags=["exec"])
+
+
+def event_body(event: ExecEvent) -> ExecEventBody:
+    if isinstance(event, Output):
+        return ExecEventBody(type=event.stream, data=base64.b64encode(event.data).decode())
+    return ExecEventBody(
+        type="exit",
+        exit_code=event.exit_code,
+        timed_out=event.timed_out,
+        oom_killed=event.oom_killed,
+        duration=event.duration,
+        reason=event.reason,
+    )
+
+
+def _stdin(body: ExecBody) -> bytes | None:
+    try:
+        return body.stdin_bytes()
+    except (binascii.Error, ValueError):
+        raise UserError("stdin is not valid base64", hint="base64-encode stdin bytes") from None
+
+
+def _start(
+    request_or_ws: Request | WebSocket,
+    sandbox_id: str,
+    body: ExecBody,
+    caller: Caller,
+    stdin: bytes | AsyncIterator[bytes] | None,
+) -> AsyncIterator[ExecEvent]:
+    """Check the sandbox and start the command; errors here become a problem response."""
+    return runtime_of(request_or_ws.app).manager.exec_stream(
+        sandbox_id,
+        body.argv,
+        env=body.env,
+        cwd=body.cwd,
+        stdin=stdin,
+        timeout=body.timeout,
+        tenant=caller.scope,
+    )
+
+
+@router.post(
+    "/sandboxes/{sandbox_id}/exec",
+    response_class=StreamingResponse,
+    responses={200: {"content": {NDJSON_MEDIA_TYPE: {}}, "description": "NDJSON events"}},
+)
+async def exec_command(
+    request: Request, sandbox_id: str, body: ExecBody, caller: CallerDep
+) -> StreamingResponse:
+    """Run a command; each line of the response is an event (stdout/stderr chunks as the
+    command writes them, base64), the last one always `exit`. If the client goes away,
+    the command is killed."""
+    events = _start(request, sandbox_id, body, caller, _stdin(body))
+
+    async def lines() -> AsyncGenerator[bytes]:
+        try:
+            async for event in events:
+                yield event_body(event).model_dump_json(exclude_defaults=True).encode() + b"\n"
+        except CorralError as error:
+            # Past the status line: report the failure as the stream's last event.
+            _, problem = to_problem(error)
+            yield json.dumps({"type": "exit", "exit_code": -1, "problem": problem}).encode()
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
+
+    return StreamingResponse(lines(), media_type=NDJSON_MEDIA_TYPE)
+
+
+@router.websocket("/sandboxes/{sandbox_id}/exec/ws")
+async def exec_websocket(websocket: WebSocket, sandbox_id: str) -> None:
+    """First frame from the client: the ExecBody as JSON. Then binary frames are stdin,
+    and the text frame {"type": "eof"} closes stdin. The server sends each event as a
+    JSON text frame, the exit event last, then closes. A problem is sent as one JSON
+    frame (with a `type` URN) before closing."""
+    await websocket.accept()
+    try:
+        caller = authenticate(websocket, websocket.headers.get("authorization"))  # type: ignore[arg-type]
+        try:
+            body = ExecBody.model_validate_json(await websocket.receive_text())
+        except ValidationError as exc:
+            raise UserError(
+                f"the first frame is not an exec request: {exc.errors()[0]['msg']}"
+            ) from None
+        stdin_queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+
+        async def stdin_chunks() -> AsyncIterator[bytes]:
+            while (chunk := await stdin_queue.get()) is not None:
+                yield chunk
+
+        events = _start(websocket, sandbox_id, body, caller, stdin_chunks())
+        reader = asyncio.create_task(_read_stdin(websocket, stdin_queue))
+        try:
+            async for event in events:
+                await websocket.send_text(event_body(event).model_dump_json(exclude_defaults=True))
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
+                await reader
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
+    except WebSocketDisconnect:
+        return
+    except CorralError as error:
+        _, problem = to_problem(error)
+        with contextlib.suppress(Exception):
+            await websocket.send_text(json.dumps(problem))
+    with contextlib.suppress(Exception):
+        await websocket.close()
+
+
+async def _read_stdin(websocket: WebSocket, queue: asyncio.Queue[bytes | None]) -> None:
+    """Client frames into the command's stdin until `eof` (or the client leaves)."""
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            if message.get("bytes") is not None:
+                await queue.put(message["bytes"])
+            elif message.get("text") is not None:
+                with contextlib.suppress(ValueError):
+                    if json.loads(message["text"]).get("type") == "eof":
+                        break
+    finally:
+        await queue.put(None)

@@ -1,0 +1,175 @@
+"""Sandboxes: create, list, get, update labels/metadata, set the timeout, destroy."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import ValidationError
+
+from corral.api.models import Sandbox, SandboxCreate, SandboxPatch, Stats, TimeoutUpdate
+from corral.errors import PermissionDeniedError, UserError
+from corral.server.app import runtime_of
+from corral.server.auth import Caller, CallerDep
+from corral.server.routes.system import resolve_template
+from corral.spec.template import Template, parse_template
+from corral.store import SandboxRecord
+
+router = APIRouter(tags=["sandboxes"])
+
+
+def to_model(record: SandboxRecord) -> Sandbox:
+    return Sandbox(
+        id=record.id,
+        name=record.name,
+        tenant=record.tenant,
+        template=record.template,
+        backend=record.backend,
+        runtime=record.runtime,
+        state=record.state,
+        kind=record.kind,
+        image_digest=record.image_digest,
+        created_at=record.created_at,
+        expires_at=record.expires_at,
+        labels=dict(record.labels),
+        metadata=dict(record.metadata),
+        limits=dict(record.limits),
+        error=record.error,
+    )
+
+
+def _template(request: Request, body: SandboxCreate, caller: Caller) -> Template:
+    if body.template_spec is None:
+        return resolve_template(request, body.template)
+    try:
+        template = parse_template(dict(body.template_spec), source="<template_spec>")
+    except ValidationError as exc:  # pragma: no cover - parse_template raises TemplateError
+        raise UserError(str(exc)) from None
+    allowed = runtime_of(request.app).settings.server.allowed_bases
+    if template.base not in allowed:
+        raise PermissionDeniedError(
+            f"this server does not build templates on base '{template.base}'",
+            hint=f"use one of: {', '.join(allowed)}, or a template the server offers",
+        )
+    if template.mounts and not caller.admin:
+        raise PermissionDeniedError(
+            "a template sent with the request may not mount host paths",
+            hint="ask an operator to install the template on the server (templates_dir)",
+        )
+    return template
+
+
+@router.post("/sandboxes", status_code=201, response_model=Sandbox)
+async def create_sandbox(request: Request, body: SandboxCreate, caller: CallerDep) -> Sandbox:
+    """Create and start a sandbox owned by the caller's tenant."""
+    runtime = runtime_of(request.app)
+    template = _template(request, body, caller)
+    lock = runtime.create_locks.setdefault(caller.tenant, asyncio.Lock())
+    async with lock:
+        record = await runtime.manager.create(
+            template,
+            runtime=body.runtime,
+            memory=body.memory,
+            cpus=body.cpus,
+            pids=body.pids,
+            disk=body.disk,
+            cpuset=body.cpuset,
+            timeout=body.timeout,
+            env=body.env,
+            labels=body.labels,
+            metadata=body.metadata,
+            name=body.name,
+            tenant=caller.tenant,
+        )
+    return to_model(record)
+
+
+def _label_filter(label: list[str] | None) -> dict[str, str]:
+    wanted = {}
+    for pair in label or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"label filter '{pair}' is not KEY=VALUE", hint="e.g. ?label=team=ml")
+        wanted[key] = value
+    return wanted
+
+
+@router.get("/sandboxes", response_model=list[Sandbox])
+async def list_sandboxes(
+    request: Request,
+    caller: CallerDep,
+    state: Annotated[str | None, Query(max_length=32)] = None,
+    label: Annotated[list[str] | None, Query(description="KEY=VALUE; repeat to AND")] = None,
+    tenant: Annotated[
+        str | None, Query(max_length=64, description="admin keys: one tenant's only")
+    ] = None,
+) -> list[Sandbox]:
+    """The caller's sandboxes (an admin key sees every tenant's)."""
+    scope = caller.scope
+    if tenant is not None:
+        if not caller.admin and tenant != caller.tenant:
+            raise PermissionDeniedError(
+                "listing another tenant's sandboxes needs an admin key",
+                hint="leave out ?tenant= to list your own",
+            )
+        scope = tenant
+    records = runtime_of(request.app).manager.list(
+        tenant=scope, states=(state,) if state else None, labels=_label_filter(label)
+    )
+    return [to_model(r) for r in records]
+
+
+@router.get("/sandboxes/{sandbox_id}", response_model=Sandbox)
+async def get_sandbox(request: Request, sandbox_id: str, caller: CallerDep) -> Sandbox:
+    return to_model(runtime_of(request.app).manager.get(sandbox_id, tenant=caller.scope))
+
+
+@router.patch("/sandboxes/{sandbox_id}", response_model=Sandbox)
+async def update_sandbox(
+    request: Request, sandbox_id: str, body: SandboxPatch, caller: CallerDep
+) -> Sandbox:
+    """Merge labels and metadata (a null value removes the key)."""
+    record = runtime_of(request.app).manager.update(
+        sandbox_id, labels=body.labels, metadata=body.metadata, tenant=caller.scope
+    )
+    return to_model(record)
+
+
+@router.put("/sandboxes/{sandbox_id}/timeout", response_model=Sandbox)
+async def set_timeout(
+    request: Request, sandbox_id: str, body: TimeoutUpdate, caller: CallerDep
+) -> Sandbox:
+    """Reap the sandbox `seconds` from now."""
+    manager = runtime_of(request.app).manager
+    return to_model(manager.set_timeout(sandbox_id, body.seconds, tenant=caller.scope))
+
+
+@router.delete("/sandboxes/{sandbox_id}", status_code=204, response_class=Response)
+async def delete_sandbox(request: Request, sandbox_id: str, caller: CallerDep) -> Response:
+    """Destroy the sandbox and release everything it holds."""
+    await runtime_of(request.app).manager.destroy(sandbox_id, tenant=caller.scope)
+    return Response(status_code=204)
+
+
+@router.get("/sandboxes/{sandbox_id}/stats", response_model=Stats)
+async def stats(request: Request, sandbox_id: str, caller: CallerDep) -> Stats:
+    reading = await runtime_of(request.app).manager.stats(sandbox_id, tenant=caller.scope)
+    return Stats(
+        memory_bytes=reading.memory_bytes,
+        memory_limit=reading.memory_limit,
+        cpu_seconds=reading.cpu_seconds,
+        pids=reading.pids,
+        pids_limit=reading.pids_limit,
+        oom_kills=reading.oom_kills,
+    )
+
+
+@router.post("/sandboxes/{sandbox_id}/pause", response_model=Sandbox)
+async def pause(request: Request, sandbox_id: str, caller: CallerDep) -> Sandbox:
+    return to_model(await runtime_of(request.app).manager.pause(sandbox_id, tenant=caller.scope))
+
+
+@router.post("/sandboxes/{sandbox_id}/resume", response_model=Sandbox)
+async def resume(request: Request, sandbox_id: str, caller: CallerDep) -> Sandbox:
+    return to_model(await runtime_of(request.app).manager.resume(sandbox_id, tenant=caller.scope))

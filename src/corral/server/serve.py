@@ -1,0 +1,30 @@
+"""Run the API server in this process (uvicorn), until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+
+from corral.config import Settings
+
+
+def serve(settings: Settings, *, log_level: str = "info") -> None:
+    """Serve the API on settings.server.host:port; reconcile first, reap while up."""
+    import uvicorn
+
+    from corral.server.app import ServerRuntime, create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    runtime = ServerRuntime.from_settings(settings)
+    app = create_app(runtime)
+    config = uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        ws="websockets-sansio",
+        http="h11",
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
