@@ -5,13 +5,14 @@ import corral
 
 def test_exported_members() -> None:
     assert set(corral.__all__) == {
-        "Backend", "BackendStatus", "BackendUnavailableError", "Capability", "CorralError",
+        "AsyncCorral", "AsyncSandbox", "AuthenticationError", "Backend", "BackendStatus",
+        "BackendUnavailableError", "Capability", "ConflictError", "Corral", "CorralError",
         "ExecError", "ExecRequest", "ExecResult", "ExitStatus", "FileTooLargeError",
         "ImageBuildError", "InfrastructureError", "InvalidStateError", "IsolationPolicyError",
-        "NotFoundError", "Output", "SandboxConfig", "SandboxLimits", "SandboxManager",
-        "SandboxStartError", "SandboxState", "SandboxStats", "Settings", "StoreError",
-        "Template", "TemplateError", "UnsupportedError", "UserError", "__version__",
-        "load_template",
+        "NotFoundError", "Output", "PermissionDeniedError", "QuotaExceededError", "Sandbox",
+        "SandboxConfig", "SandboxLimits", "SandboxManager", "SandboxStartError", "SandboxState",
+        "SandboxStats", "ServerUnavailableError", "Settings", "StoreError", "Template",
+        "TemplateError", "UnsupportedError", "UserError", "__version__", "load_template",
     }  # fmt: skip
     for name in corral.__all__:
         assert hasattr(corral, name), name

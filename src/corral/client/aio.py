@@ -1,0 +1,412 @@
+"""The asyncio SDK: `AsyncCorral` and `AsyncSandbox`, twins of the blocking ones.
+
+async with AsyncCorral(url, api_key) as c, c.sandbox(template="rust") as sb:
+    result = await sb.exec(["rustc", "--version"])
+    async for event in sb.exec_stream("make"): ...
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Unpack
+
+import httpx
+
+from corral.api import models
+from corral.backends.base import ExecEvent, ExecResult, ExitStatus, SandboxStats
+from corral.client import _archive, _base, _ws
+from corral.client._base import DEFAULT_TIMEOUT, BaseClient, Call, SandboxOptions
+from corral.client._events import NdjsonDecoder, ResultCollector, stream_cut
+from corral.errors import CorralError, InvalidStateError, NotFoundError
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
+__all__ = ["AsyncCorral", "AsyncFiles", "AsyncInteractiveExec", "AsyncSandbox"]
+
+
+class AsyncCorral(BaseClient):
+    """A connection to a Corral server (see `Corral`; every call is awaited)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(url, api_key, timeout=timeout, environ=environ)
+        if transport is None and self._connection.uds:
+            transport = httpx.AsyncHTTPTransport(uds=self._connection.uds)
+        self._http = httpx.AsyncClient(
+            base_url=self._connection.base_url,
+            headers=self._connection.headers(),
+            timeout=timeout,
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> AsyncCorral:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections (sandboxes are untouched)."""
+        await self._http.aclose()
+
+    async def create(
+        self, template: str | os.PathLike[str] = "default", **options: Unpack[SandboxOptions]
+    ) -> AsyncSandbox:
+        """Create a sandbox from a template name or a local .toml file; returns once it runs."""
+        call = _base.create_call(template, options)
+        return AsyncSandbox(self, _base.parse(call, await self._send(call), models.Sandbox))
+
+    def sandbox(
+        self, template: str | os.PathLike[str] = "default", **options: Unpack[SandboxOptions]
+    ) -> _Creating:
+        """`create` for `async with c.sandbox(...) as sb:` (destroyed on the way out)."""
+        return _Creating(self, template, options)
+
+    async def get(self, sandbox_id: str) -> AsyncSandbox:
+        """A handle on an existing sandbox, by id or name."""
+        call = _base.get_call(sandbox_id)
+        return AsyncSandbox(self, _base.parse(call, await self._send(call), models.Sandbox))
+
+    async def list(
+        self,
+        *,
+        state: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        tenant: str | None = None,
+    ) -> builtins.list[AsyncSandbox]:
+        """This tenant's sandboxes, filtered by state and labels (`tenant`: admin keys only)."""
+        call = _base.list_call(state, labels, tenant)
+        infos = _base.parse_list(call, await self._send(call), models.Sandbox)
+        return [AsyncSandbox(self, info) for info in infos]
+
+    async def templates(self) -> builtins.list[models.TemplateInfo]:
+        call = _base.templates_call()
+        return _base.parse_list(call, await self._send(call), models.TemplateInfo)
+
+    async def health(self) -> models.Health:
+        call = _base.health_call()
+        return _base.parse(call, await self._send(call), models.Health)
+
+    async def ready(self) -> models.Health:
+        call = _base.ready_call()
+        return _base.parse(call, await self._send(call), models.Health)
+
+    async def tenant(self) -> models.TenantInfo:
+        call = _base.tenant_call()
+        return _base.parse(call, await self._send(call), models.TenantInfo)
+
+    async def tenants(self) -> builtins.list[models.TenantInfo]:
+        call = _base.tenants_call()
+        return _base.parse_list(call, await self._send(call), models.TenantInfo)
+
+    async def _send(self, call: Call) -> httpx.Response:
+        with self._transport_errors(call):
+            response = await self._http.request(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                content=call.content,
+                headers=call.headers(),
+                timeout=self._timeout_for(call),
+            )
+        self._check(call, response)
+        return response
+
+    async def _events(self, call: Call) -> AsyncGenerator[ExecEvent, None]:
+        decoder = NdjsonDecoder(call.sandbox_id)
+        with self._transport_errors(call):
+            async with self._http.stream(
+                call.method, call.path, json=call.json, timeout=self._timeout_for(call)
+            ) as response:
+                if not response.is_success:
+                    await response.aread()
+                    self._check(call, response)
+                async for chunk in response.aiter_bytes():
+                    for event in decoder.feed(chunk):
+                        yield event
+                    if decoder.exit_status is not None:
+                        return
+                for event in decoder.finish():
+                    yield event
+
+
+class _Creating:
+    """What `AsyncCorral.sandbox()` returns: awaitable, or an async context manager."""
+
+    def __init__(
+        self, client: AsyncCorral, template: str | os.PathLike[str], options: SandboxOptions
+    ) -> None:
+        self._client = client
+        self._template = template
+        self._options = options
+        self._sandbox: AsyncSandbox | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncSandbox]:
+        return self._client.create(self._template, **self._options).__await__()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        self._sandbox = await self._client.create(self._template, **self._options)
+        return self._sandbox
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._sandbox is not None:
+            await self._sandbox.__aexit__(kind, exc, tb)
+
+
+class AsyncSandbox:
+    """One sandbox on the server. As an async context manager it is always destroyed on exit."""
+
+    def __init__(self, client: AsyncCorral, info: models.Sandbox) -> None:
+        self._client = client
+        self.info = info
+        self.files = AsyncFiles(self)
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def __repr__(self) -> str:
+        return f"<AsyncSandbox {self.id} {self.info.template} {self.info.state}>"
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.kill()
+        except CorralError as error:
+            if exc is None:
+                raise
+            exc.add_note(f"and destroying sandbox {self.id} failed too: {error}")
+
+    async def refresh(self) -> models.Sandbox:
+        return await self._apply(_base.get_call(self.id))
+
+    async def exec(
+        self,
+        argv: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command to completion (a string runs under /bin/sh -c)."""
+        collector = ResultCollector()
+        events = self.exec_stream(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                collector.add(event)
+        return collector.result(sandbox_id=self.id)
+
+    def exec_stream(
+        self,
+        argv: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[ExecEvent, None]:
+        """Output chunks as the command produces them, then its ExitStatus.
+
+        An async generator: to stop early and close the request at once, wrap
+        it in `contextlib.aclosing` (otherwise it closes when collected).
+        """
+        call = _base.exec_call(self.id, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+        return self._client._events(call)
+
+    def exec_interactive(
+        self,
+        argv: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncInteractiveExec:
+        """A command over a WebSocket: `async with` (or await) it, then send and read."""
+        return AsyncInteractiveExec(self._client, self.id, _ws.start_frame(argv, env, cwd, timeout))
+
+    async def set_timeout(self, seconds: float) -> models.Sandbox:
+        return await self._apply(_base.timeout_call(self.id, seconds))
+
+    async def update(
+        self,
+        *,
+        labels: Mapping[str, str | None] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> models.Sandbox:
+        return await self._apply(_base.patch_call(self.id, labels, metadata))
+
+    async def set_labels(self, labels: Mapping[str, str | None]) -> models.Sandbox:
+        return await self.update(labels=labels)
+
+    async def stats(self) -> SandboxStats:
+        call = _base.stats_call(self.id)
+        return _base.parse_stats(call, await self._client._send(call))
+
+    async def pause(self) -> models.Sandbox:
+        return await self._apply(_base.pause_call(self.id))
+
+    async def resume(self) -> models.Sandbox:
+        return await self._apply(_base.resume_call(self.id))
+
+    async def kill(self) -> bool:
+        """Destroy the sandbox; False when it was already gone."""
+        try:
+            await self._client._send(_base.destroy_call(self.id))
+        except NotFoundError:
+            return False
+        return True
+
+    async def _apply(self, call: Call) -> models.Sandbox:
+        self.info = _base.parse(call, await self._client._send(call), models.Sandbox)
+        return self.info
+
+
+class AsyncFiles:
+    """A sandbox's filesystem, as seen by the sandbox user."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        call = _base.write_file_call(self._sandbox.id, path, data, mode)
+        await self._sandbox._client._send(call)
+
+    async def read(self, path: str) -> bytes:
+        call = _base.read_file_call(self._sandbox.id, path)
+        return (await self._sandbox._client._send(call)).content
+
+    async def upload_dir(self, local_dir: str | os.PathLike[str], remote_dir: str) -> None:
+        call = _base.put_archive_call(self._sandbox.id, remote_dir, _archive.pack_dir(local_dir))
+        await self._sandbox._client._send(call)
+
+    async def download_dir(
+        self, remote_dir: str, local_dir: str | os.PathLike[str]
+    ) -> builtins.list[str]:
+        """Copy `remote_dir`'s contents into `local_dir`; the names refused as unsafe."""
+        call = _base.get_archive_call(self._sandbox.id, remote_dir)
+        tar = (await self._sandbox._client._send(call)).content
+        return _archive.unpack_into(tar, local_dir, sandbox_id=self._sandbox.id)
+
+
+class AsyncInteractiveExec:
+    """A running command with a live stdin (see `InteractiveExec`); connects when entered
+    with `async with` or awaited."""
+
+    def __init__(self, client: AsyncCorral, sandbox_id: str, start: str) -> None:
+        _ws.require_websockets()
+        self.sandbox_id = sandbox_id
+        self.exit_status: ExitStatus | None = None
+        self._client = client
+        self._start = start
+        self._stdin_open = True
+        self._stack = contextlib.AsyncExitStack()
+        self._ws: ClientConnection | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncInteractiveExec]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncInteractiveExec:
+        return await self._open()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _open(self) -> AsyncInteractiveExec:
+        from websockets.asyncio.client import connect, unix_connect
+        from websockets.exceptions import WebSocketException
+
+        if self._ws is not None:
+            return self
+        connection = self._client._connection
+        options = _ws.connect_options(connection, self.sandbox_id)
+        try:
+            opener = unix_connect if "path" in options else connect
+            self._ws = await self._stack.enter_async_context(opener(**options))
+            await self._ws.send(self._start)
+        except (OSError, WebSocketException) as exc:
+            await self._stack.aclose()
+            raise _ws.open_error(exc, connection, self.sandbox_id) from exc
+        return self
+
+    async def send(self, data: bytes | str) -> None:
+        """Feed `data` to the command's stdin (a str as UTF-8)."""
+        if not self._stdin_open:
+            raise _ws.stdin_closed(self.sandbox_id)
+        chunk = data.encode() if isinstance(data, str) else bytes(data)
+        if chunk:
+            await self._send(chunk)
+
+    async def close_stdin(self) -> None:
+        """Send end-of-file to the command's stdin (a second call does nothing)."""
+        if self._stdin_open:
+            self._stdin_open = False
+            await self._send(_ws.EOF_FRAME)
+
+    async def __aiter__(self) -> AsyncIterator[ExecEvent]:
+        """The command's events as they come; the last is its ExitStatus."""
+        from websockets.exceptions import ConnectionClosed
+
+        ws = self._connected()
+        while self.exit_status is None:
+            try:
+                message = await ws.recv()
+            except ConnectionClosed as exc:
+                raise stream_cut(self.sandbox_id) from exc
+            event = _ws.decode_frame(message, sandbox_id=self.sandbox_id)
+            if isinstance(event, ExitStatus):
+                self.exit_status = event
+            yield event
+
+    async def wait(self) -> ExecResult:
+        """Read to the end; the result holds the output not yet iterated over."""
+        collector = ResultCollector()
+        async for event in self:
+            collector.add(event)
+        collector.exit_status = self.exit_status
+        return collector.result(sandbox_id=self.sandbox_id)
+
+    async def aclose(self) -> None:
+        self._stdin_open = False
+        await self._stack.aclose()
+
+    def _connected(self) -> ClientConnection:
+        if self._ws is None:
+            raise InvalidStateError(
+                "the interactive exec is not started",
+                sandbox_id=self.sandbox_id,
+                hint="use `async with sb.exec_interactive(...) as proc:` or await it",
+            )
+        return self._ws
+
+    async def _send(self, message: bytes | str) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self._connected().send(message)
+        except ConnectionClosed:
+            self._stdin_open = False
+            raise _ws.stdin_closed(self.sandbox_id) from None
