@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from corral.backends.oci import OciBackend
 from corral.backends.podman import PodmanBackend
 from corral.images import ImageStore
 from corral.spec.template import load_template
+from tests.server_harness import ServerProcess
 
 RUNTIMES = ("crun", "runc", "runsc")
 # The podman backend on each runtime, as `harness` parameters ("podman/<runtime>").
@@ -108,9 +110,15 @@ class Harness:
 def state_root() -> Iterator[Path]:
     """A state dir per module; the leak check runs when the module is done."""
     root = traversable_dir("state")
-    cgroup_parent = OciBackend(root).cgroup_parent
     inits_before = _sandbox_inits()
     yield root
+    assert_no_leaks(root, inits_before)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def assert_no_leaks(root: Path, inits_before: set[int]) -> None:
+    """Nothing of a sandbox is left under state dir `root` (then its cgroup parent goes)."""
+    cgroup_parent = OciBackend(root).cgroup_parent
     leaks: list[str] = []
     left_cgroups = cgroups.children(cgroup_parent)
     if left_cgroups:
@@ -130,9 +138,8 @@ def state_root() -> Iterator[Path]:
     new_inits = _sandbox_inits() - inits_before
     if new_inits:
         leaks.append(f"sandbox processes: {sorted(new_inits)}")
-    assert not leaks, "leaked after module: " + "; ".join(leaks)
+    assert not leaks, "leaked: " + "; ".join(leaks)
     cgroups.remove(cgroup_parent)  # the install's now-empty parent
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def _podman_containers(state_dir: Path) -> list[str]:
@@ -215,3 +222,50 @@ async def harness(
     yield h
     for sandbox_id in h.created:
         await backend.destroy(sandbox_id)
+
+
+@dataclass
+class ApiServer:
+    """The session's `corral serve` (oci backend) and keys for two tenants and an admin."""
+
+    process: ServerProcess
+    key_a: str
+    key_b: str
+    admin_key: str
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+
+@pytest.fixture(scope="session")
+def api_server() -> Iterator[ApiServer]:
+    """A real server on a loopback port for the whole session (SDK, CLI, API tests).
+    Leak-checked when the session ends."""
+    require_root()
+    root = traversable_dir("server")
+    inits_before = _sandbox_inits()
+    process = ServerProcess(
+        root, config="[server]\nreap_interval = 0.2\nmax_upload_bytes = 1048576\n"
+    )
+    key_a = process.tenant("tenant-a")
+    key_b = process.tenant("tenant-b")
+    admin_key = process.tenant("ops", admin=True)
+    process.start()
+    try:
+        yield ApiServer(process, key_a, key_b, admin_key)
+    finally:
+        process.stop()
+        # Destroy whatever tests left (by the store), then nothing may remain.
+        for record in process.store.list():
+            subprocess.run(
+                [str(Path(sys.executable).with_name("corral")), "rm", record.id],
+                env=process.env(),
+                check=False,
+                capture_output=True,
+            )
+        leftovers = [r.id for r in process.store.list()]
+        process.close()
+        assert not leftovers, f"sandboxes left on the session server: {leftovers}"
+        assert_no_leaks(root, inits_before)
+        shutil.rmtree(root, ignore_errors=True)

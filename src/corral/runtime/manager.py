@@ -24,6 +24,8 @@ from collections.abc import (
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from pydantic import ValidationError
+
 from corral.backends.base import (
     Backend,
     BackendStatus,
@@ -47,8 +49,7 @@ from corral.errors import (
 )
 from corral.runtime.hostpaths import resolve_mount_source
 from corral.runtime.state import SandboxState, check_transition
-from corral.spec.template import Isolation, Template, load_template
-from corral.spec.units import parse_size
+from corral.spec.template import Isolation, Resources, Template, load_template
 from corral.store import Quota, SandboxRecord, Store, Usage
 
 if TYPE_CHECKING:
@@ -150,14 +151,7 @@ class SandboxManager:
         # In a thread: a first build of a template can take a while, and a server's
         # other requests must not wait on it.
         image = await asyncio.to_thread(self.images.build, spec, progress=progress)
-        defaults = spec.resources
-        limits = SandboxLimits(
-            vcpus=float(cpus if cpus is not None else defaults.vcpus),
-            memory=parse_size(memory) if memory is not None else defaults.memory,
-            pids=pids if pids is not None else defaults.pids,
-            disk=parse_size(disk) if disk is not None else defaults.disk,
-            cpuset=cpuset or defaults.cpuset,
-        )
+        limits = _limits(spec, vcpus=cpus, memory=memory, pids=pids, disk=disk, cpuset=cpuset)
         mounts = list(image.host_mounts)
         for mount in spec.mounts:
             source = resolve_mount_source(mount.source)
@@ -496,6 +490,30 @@ def _quota_check(tenant: str, quota: Quota, limits: SandboxLimits) -> Callable[[
             )
 
     return check
+
+
+def _limits(spec: Template, **asked: Any) -> SandboxLimits:
+    """The template's resources with the caller's overrides, checked by the same rules
+    as a template's [resources] (so a bad size is a clear error, not a runtime failure)."""
+    values = spec.resources.model_dump()
+    values.update({k: v for k, v in asked.items() if v is not None})
+    try:
+        resources = Resources.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "resources"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise UserError(
+            f"'{where}': {message}",
+            hint="e.g. memory 512M (at least 16M), cpus 0.5, pids 8 or more, disk 256M",
+        ) from None
+    return SandboxLimits(
+        vcpus=float(resources.vcpus),
+        memory=resources.memory,
+        pids=resources.pids,
+        disk=resources.disk,
+        cpuset=resources.cpuset,
+    )
 
 
 def _merge(current: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
