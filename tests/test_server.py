@@ -93,7 +93,11 @@ def test_keys_are_required_and_checked(api_server: ApiServer) -> None:
     problem(httpx.get(url, headers={"Authorization": "Bearer crl_nope"}), 401, "unauthenticated")
     forged = api_server.key_a[:-4] + "AAAA"
     problem(httpx.get(url, headers={"Authorization": f"Bearer {forged}"}), 401, "unauthenticated")
-    api_server.process.store.tenants.revoke_key(api_server.key_a.split("_")[1]) if False else None
+    spare = api_server.process.tenant("tenant-a")
+    spare_headers = {"Authorization": f"Bearer {spare}"}
+    assert httpx.get(url, headers=spare_headers).status_code == 200
+    api_server.process.store.tenants.revoke_key(spare.split("_")[1])
+    problem(httpx.get(url, headers=spare_headers), 401, "unauthenticated")
 
 
 def test_create_get_list_delete(api: httpx.Client, api_server: ApiServer) -> None:
