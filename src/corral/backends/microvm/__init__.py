@@ -1,0 +1,1 @@
+"""MicroVM mode: sandboxes as VMs under QEMU, Firecracker or Cloud Hypervisor."""
