@@ -580,6 +580,17 @@ def test_a_problem_line_inside_the_stream_is_raised(api: FakeApi, sandbox: Sandb
     assert caught.value.stderr_tail == "crun: oops"
 
 
+def test_an_exit_line_carrying_a_problem_is_raised(api: FakeApi, sandbox: Sandbox) -> None:
+    _, problem = to_problem(errors.ExecError("runtime died", backend="oci"))
+    body = ndjson(out("stdout", b"partial"), {"type": "exit", "exit_code": -1, "problem": problem})
+    api.on("POST", "/v1/sandboxes/sb-1/exec", httpx.Response(200, content=body))
+    events = sandbox.exec_stream(["x"])
+    assert next(events) == Output("stdout", b"partial")
+    with pytest.raises(errors.ExecError, match="runtime died") as caught:
+        next(events)
+    assert (caught.value.backend, caught.value.sandbox_id) == ("oci", "sb-1")
+
+
 def test_stopping_exec_stream_early_closes_the_response(api: FakeApi, sandbox: Sandbox) -> None:
     stream = Chunks([ndjson(out("stdout", b"%d" % i)) for i in range(100)] + [ndjson(exit_event())])
     api.on("POST", "/v1/sandboxes/sb-1/exec", httpx.Response(200, stream=stream))

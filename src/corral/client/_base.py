@@ -209,7 +209,11 @@ class BaseClient:
 
 def error_for(call: Call, response: httpx.Response, connection: Connection) -> CorralError:
     """The Corral exception an error answer stands for."""
-    error = _error_for_answer(call, response, connection)
+    return with_key_hint(_error_for_answer(call, response, connection), connection)
+
+
+def with_key_hint(error: CorralError, connection: Connection) -> CorralError:
+    """An authentication failure without a key configured says how to configure one."""
     if isinstance(error, AuthenticationError) and not connection.api_key:
         error.hint = f"no API key was sent: pass api_key= or set {ENV_API_KEY}"
     return error

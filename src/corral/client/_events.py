@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -63,6 +63,9 @@ def decode_event(text: str | bytes, *, sandbox_id: str | None) -> ExecEvent:
         raise _outside_api(f"an exec event is not JSON: {text[:200]!r}", sandbox_id) from None
     if is_problem(body):
         raise problem_error(body, sandbox_id=sandbox_id)
+    if isinstance(body, dict) and is_problem(body.get("problem")):
+        # A failure after the stream started ends it with an exit event carrying the problem.
+        raise problem_error(body["problem"], sandbox_id=sandbox_id)
     try:
         event = models.ExecEventBody.model_validate(body)
     except ValidationError as exc:
@@ -103,29 +106,27 @@ class NdjsonDecoder:
         self.exit_status: ExitStatus | None = None
         self._pending = b""
 
-    def feed(self, chunk: bytes) -> list[ExecEvent]:
-        """The events completed by `chunk`; nothing after the exit event counts."""
+    def feed(self, chunk: bytes) -> Iterator[ExecEvent]:
+        """The events completed by `chunk`, one by one (so output before a bad line is
+        delivered); nothing after the exit event counts."""
         *lines, self._pending = (self._pending + chunk).split(b"\n")
         return self._decode(lines)
 
-    def finish(self) -> list[ExecEvent]:
+    def finish(self) -> Iterator[ExecEvent]:
         """The events of an unterminated last line; raises when no exit event came."""
-        events = self._decode([self._pending])
-        self._pending = b""
+        lines, self._pending = [self._pending], b""
+        yield from self._decode(lines)
         if self.exit_status is None:
             raise stream_cut(self.sandbox_id)
-        return events
 
-    def _decode(self, lines: list[bytes]) -> list[ExecEvent]:
-        events: list[ExecEvent] = []
+    def _decode(self, lines: list[bytes]) -> Iterator[ExecEvent]:
         for line in lines:
             if self.exit_status is not None or not line.strip():
                 continue
             event = decode_event(line, sandbox_id=self.sandbox_id)
             if isinstance(event, ExitStatus):
                 self.exit_status = event
-            events.append(event)
-        return events
+            yield event
 
 
 class ResultCollector:

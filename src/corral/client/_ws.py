@@ -14,7 +14,14 @@ from typing import Any
 import httpx
 
 from corral.backends.base import ExecEvent
-from corral.client._base import Call, Connection, error_for, exec_body, exec_ws_path
+from corral.client._base import (
+    Call,
+    Connection,
+    error_for,
+    exec_body,
+    exec_ws_path,
+    with_key_hint,
+)
 from corral.client._events import decode_event
 from corral.errors import (
     BackendUnavailableError,
@@ -64,14 +71,17 @@ def start_frame(
     return json.dumps(exec_body(argv, env, cwd, None, timeout))
 
 
-def decode_frame(message: str | bytes, *, sandbox_id: str) -> ExecEvent:
+def decode_frame(message: str | bytes, *, sandbox_id: str, connection: Connection) -> ExecEvent:
     if isinstance(message, bytes):
         raise ServerUnavailableError(
             "the server sent a binary frame on an exec WebSocket",
             sandbox_id=sandbox_id,
             hint="the server may run a different Corral version",
         )
-    return decode_event(message, sandbox_id=sandbox_id)
+    try:
+        return decode_event(message, sandbox_id=sandbox_id)
+    except CorralError as error:
+        raise with_key_hint(error, connection) from None
 
 
 def open_error(exc: Exception, connection: Connection, sandbox_id: str) -> CorralError:

@@ -376,7 +376,9 @@ class AsyncInteractiveExec:
                 message = await ws.recv()
             except ConnectionClosed as exc:
                 raise stream_cut(self.sandbox_id) from exc
-            event = _ws.decode_frame(message, sandbox_id=self.sandbox_id)
+            event = _ws.decode_frame(
+                message, sandbox_id=self.sandbox_id, connection=self._client._connection
+            )
             if isinstance(event, ExitStatus):
                 self.exit_status = event
             yield event

@@ -316,7 +316,8 @@ class InteractiveExec:
         self._stdin_open = True
         self._closed_error = ConnectionClosed
         self._stack = contextlib.ExitStack()
-        options = _ws.connect_options(client._connection, sandbox_id)
+        self._connection = client._connection
+        options = _ws.connect_options(self._connection, sandbox_id)
         try:
             opener = unix_connect if "path" in options else connect
             self._ws = self._stack.enter_context(opener(**options))
@@ -354,7 +355,9 @@ class InteractiveExec:
                 message = self._ws.recv()
             except self._closed_error as exc:
                 raise stream_cut(self.sandbox_id) from exc
-            event = _ws.decode_frame(message, sandbox_id=self.sandbox_id)
+            event = _ws.decode_frame(
+                message, sandbox_id=self.sandbox_id, connection=self._connection
+            )
             if isinstance(event, ExitStatus):
                 self.exit_status = event
             yield event
