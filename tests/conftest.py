@@ -135,7 +135,7 @@ def assert_no_leaks(root: Path, inits_before: set[int]) -> None:
     left_containers = _podman_containers(root)
     if left_containers:
         leaks.append(f"podman containers: {left_containers}")
-    new_inits = _sandbox_inits() - inits_before
+    new_inits = _sandbox_inits(root) - inits_before
     if new_inits:
         leaks.append(f"sandbox processes: {sorted(new_inits)}")
     assert not leaks, "leaked: " + "; ".join(leaks)
@@ -165,8 +165,10 @@ def _podman_containers(state_dir: Path) -> list[str]:
     return listed.stdout.split() if listed.returncode == 0 else [f"podman ps: {listed.stderr}"]
 
 
-def _sandbox_inits() -> set[int]:
-    """Host pids of sandbox main processes (catatonit as /.corral/init) and gVisor sandboxes."""
+def _sandbox_inits(root: Path | None = None) -> set[int]:
+    """Host pids of sandbox main processes (catatonit as /.corral/init) and gVisor
+    sandboxes; with `root`, only those of sandboxes under that state dir (so tests
+    running elsewhere at the same time are not counted)."""
     found: set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -175,9 +177,24 @@ def _sandbox_inits() -> set[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if cmdline.startswith((b"/.corral/init", b"runsc-sandbox", b"runsc-gofer")):
-            found.add(int(entry))
+        if not cmdline.startswith((b"/.corral/init", b"runsc-sandbox", b"runsc-gofer")):
+            continue
+        if root is not None and not _belongs_to(int(entry), cmdline, root):
+            continue
+        found.add(int(entry))
     return found
+
+
+def _belongs_to(pid: int, cmdline: bytes, root: Path) -> bool:
+    """Whether a sandbox process runs from state dir `root`: its rootfs (for the
+    catatonit init) or its runtime state (runsc's --root) lies under it. When that
+    cannot be read, it counts as ours (a leak check must not miss leaks)."""
+    if str(root).encode() in cmdline:
+        return True
+    try:
+        return os.readlink(f"/proc/{pid}/root").startswith(str(root))
+    except OSError:
+        return True
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -228,7 +228,11 @@ def test_files_and_archives(api: httpx.Client, sandbox: dict[str, Any]) -> None:
     with tarfile.open(fileobj=io.BytesIO(got.content)) as tar:
         names = {m.name.removeprefix("./") for m in tar.getmembers() if m.isfile()}
     assert names == {"src/main.rs", "README"}
-    problem(api.get(archive, params={"path": "/work/nope"}), 500, "exec-failed")
+    problem(api.get(archive, params={"path": "/work/nope"}), 404, "not-found")
+    problem(api.put(archive, params={"path": "/work/x"}, content=b"not a tar"), 400, "bad-request")
+    problem(
+        api.put(archive, params={"path": "/proc/x"}, content=buffer.getvalue()), 400, "bad-request"
+    )
 
 
 def test_labels_metadata_and_timeout(api: httpx.Client, sandbox: dict[str, Any]) -> None:

@@ -39,6 +39,8 @@ class ServerSettings(BaseModel):
     templates_dir: Path | None = None  # extra *.toml templates offered to tenants
     reap_interval: float = Field(default=1.0, gt=0)
     max_upload_bytes: int = Field(default=64 << 20, ge=1)
+    # Commands run at most this long (None: as long as the caller's timeout says).
+    max_exec_seconds: float | None = Field(default=None, gt=0)
     # Bases a template sent with a request may use (a debian base runs mmdebstrap).
     allowed_bases: tuple[str, ...] = ("host", "busybox", "debian:bookworm")
 

@@ -53,11 +53,17 @@ async def builtin_handler(sandbox: FakeSandbox, request: ExecRequest) -> tuple[i
         if request.stdin is None or isinstance(request.stdin, bytes):
             return 0, request.stdin or b"", b""
         return 0, b"".join([chunk async for chunk in request.stdin]), b""
-    if name == "sleep":
-        await asyncio.sleep(float(args[0]))
+    if name in ("sleep", "exit"):
+        try:
+            number = float(args[0]) if name == "sleep" else int(args[0]) % 256
+        except (IndexError, ValueError):
+            return 2, b"", f"{name}: needs a number\n".encode()
+        if name == "exit":
+            return int(number), b"", b""
+        if not 0 <= number < 1e6:
+            return 1, b"", b"sleep: invalid time interval\n"
+        await asyncio.sleep(number)
         return 0, b"", b""
-    if name == "exit":
-        return int(args[0]), b"", b""
     return 127, b"", f"{name}: command not found\n".encode()
 
 

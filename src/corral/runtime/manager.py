@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import io
 import os
 import secrets
 import socket
+import tarfile
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -39,12 +41,14 @@ from corral.backends.base import (
     SandboxStats,
 )
 from corral.errors import (
+    CorralError,
     ExecError,
     FileTooLargeError,
     InvalidStateError,
     IsolationPolicyError,
     NotFoundError,
     QuotaExceededError,
+    UnsupportedError,
     UserError,
 )
 from corral.runtime.hostpaths import resolve_mount_source
@@ -331,6 +335,7 @@ class SandboxManager:
         user and inside the sandbox, so entries cannot land outside what it may write."""
         self._check_size(sandbox_id, len(tar))
         record = self._running(sandbox_id, tenant)
+        _check_tar(tar)
         script = 'mkdir -p "$1" && tar -x -f - -C "$1"'
         result = await self.backend.exec(
             record.id, ExecRequest(["/bin/sh", "-c", script, "sh", _absolute(path)], stdin=tar)
@@ -532,11 +537,38 @@ def _absolute(path: str) -> str:
     return path
 
 
-def _tar_error(sandbox_id: str, path: str, verb: str, result: ExecResult) -> ExecError:
+def _check_tar(data: bytes) -> None:
+    """UserError unless `data` is a readable tar stream (checked before any exec)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+            for _ in archive:
+                pass
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise UserError(
+            f"the upload is not a valid tar archive ({exc})",
+            hint="send a tar stream, e.g. made by `tar -c -f - -C DIR .`",
+        ) from None
+
+
+def _tar_error(sandbox_id: str, path: str, verb: str, result: ExecResult) -> CorralError:
     tail = result.stderr.decode(errors="replace")[-500:]
+    facts: dict[str, Any] = {"sandbox_id": sandbox_id, "stderr_tail": tail}
+    if result.exit_code == 127:
+        return UnsupportedError(
+            "the sandbox image has no sh and tar to move directories with",
+            hint="use a template whose image has /bin/sh and tar, or copy single files",
+            **facts,
+        )
+    if verb == "pack" and result.exit_code == 2:
+        return NotFoundError(f"'{path}' is not a directory in the sandbox", **facts)
+    if verb == "unpack":
+        return UserError(
+            f"cannot unpack into '{path}' (tar exited {result.exit_code})",
+            hint="check the sandbox user may write there (e.g. under /work or /tmp)",
+            **facts,
+        )
     return ExecError(
         f"cannot {verb} '{path}' (tar exited {result.exit_code})",
-        sandbox_id=sandbox_id,
-        stderr_tail=tail,
-        hint="check the directory exists and the sandbox user may read/write it",
+        hint="check the sandbox user may read the directory",
+        **facts,
     )

@@ -51,13 +51,17 @@ def _start(
     stdin: bytes | AsyncIterator[bytes] | None,
 ) -> AsyncIterator[ExecEvent]:
     """Check the sandbox and start the command; errors here become a problem response."""
-    return runtime_of(request_or_ws.app).manager.exec_stream(
+    runtime = runtime_of(request_or_ws.app)
+    timeout, cap = body.timeout, runtime.settings.server.max_exec_seconds
+    if cap is not None:
+        timeout = cap if timeout is None else min(timeout, cap)
+    return runtime.manager.exec_stream(
         sandbox_id,
         body.argv,
         env=body.env,
         cwd=body.cwd,
         stdin=stdin,
-        timeout=body.timeout,
+        timeout=timeout,
         tenant=caller.scope,
     )
 
