@@ -140,3 +140,17 @@ class TenantInfo(BaseModel):
     name: str
     quota: Quota
     usage: Usage
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with Corral's facts as extension members."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    title: str
+    status: int
+    detail: str
+    sandbox_id: str | None = None
+    backend: str | None = None
+    hint: str | None = None
+    stderr_tail: str | None = None
