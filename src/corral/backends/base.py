@@ -178,6 +178,8 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     capabilities: frozenset[Capability] = frozenset()
+    # The `SandboxConfig.runtime` values this backend accepts (empty: it takes none).
+    runtimes: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     async def create(self, config: SandboxConfig) -> None:

@@ -72,6 +72,7 @@ class FakeBackend(Backend):
 
     name: ClassVar[str] = "fake"
     capabilities = frozenset({Capability.PAUSE})
+    runtimes: ClassVar[tuple[str, ...]] = ("crun", "runc", "runsc")
 
     def __init__(self, handler: Handler = builtin_handler) -> None:
         self.sandboxes: dict[str, FakeSandbox] = {}

@@ -450,6 +450,13 @@ class SandboxManager:
         """The runtime for a sandbox of `spec`: the one asked for, if the template
         allows its isolation level; else the template's first allowed level that
         this backend gives (so a template's `isolation` order is its default)."""
+        known = self.backend.runtimes
+        if runtime is not None and runtime not in known:
+            raise UserError(
+                f"backend '{self.backend.name}' has no runtime '{runtime}'",
+                backend=self.backend.name,
+                hint=f"choose one of: {', '.join(known)}" if known else "leave the runtime out",
+            )
         if self.backend.name == "microvm":
             self._require_level(spec, Isolation.MICROVM)
             return runtime

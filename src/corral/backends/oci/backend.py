@@ -16,26 +16,30 @@ import json
 import os
 import shutil
 import signal
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from corral._sys import cgroups, mounts, procs
+from corral._sys import cgroups, mounts
 from corral.backends.base import (
     Backend,
     BackendStatus,
     Capability,
     ExecEvent,
     ExecRequest,
-    Output,
     SandboxConfig,
     SandboxStats,
 )
 from corral.backends.oci.bundle import UID_BASE, make_config, process_spec
-from corral.backends.oci.execution import exit_status, feed, ps_table, pump
+from corral.backends.oci.execution import (
+    EXEC_TOKEN_VAR,
+    ExecTarget,
+    Finished,
+    exit_status,
+    runtime_exec,
+)
 from corral.backends.oci.runtimes import RUNTIMES, OciRuntime, get_runtime
 from corral.backends.sandbox_dir import (
     claim_dir,
@@ -53,9 +57,6 @@ from corral.errors import (
 
 CONTAINER_PREFIX = "corral-"
 CGROUP_PARENT = "/corral"
-# Every process an exec starts inherits this variable: at a timeout, processes that
-# left the command's session (setsid) are still found by it in the sandbox's cgroup.
-EXEC_TOKEN_VAR = "CORRAL_EXEC_ID"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class OciBackend(Backend):
 
     name: ClassVar[str] = "oci"
     capabilities = frozenset({Capability.PAUSE, Capability.CPUSET, Capability.USER_NAMESPACE})
+    runtimes: ClassVar[tuple[str, ...]] = ("crun", "runc", "runsc")
 
     def __init__(self, state_dir: Path, *, runtime: str = "crun") -> None:
         self.state_dir = Path(state_dir)
@@ -283,108 +285,27 @@ class OciBackend(Backend):
                 hint="pass the command to run, e.g. ['/bin/true']",
             )
         runtime = get_runtime(meta.runtime)
-        sandbox_dir = self._dir(sandbox_id)
-        token = uuid.uuid4().hex[:12]
-        process_file = sandbox_dir / f"exec-{token}.json"
-        pid_file = sandbox_dir / f"exec-{token}.pid"
-        process_file.write_text(json.dumps(_process_spec(meta, request, token)))
-        pid_flag = "--pid-file" if runtime.in_kernel else "--internal-pid-file"
-        argv = ["exec", "--process", str(process_file), pid_flag, str(pid_file)]
-        oom_before = cgroups.oom_kills(meta.cgroup)
-        started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *runtime.command(self._root(runtime), *argv, meta.container),
-            stdin=asyncio.subprocess.PIPE
-            if request.stdin is not None
-            else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
+        target = ExecTarget(
+            runtime, self._root(runtime), meta.container, meta.cgroup, self._dir(sandbox_id)
         )
-        queue: asyncio.Queue[Output | None] = asyncio.Queue()
-        tasks = [
-            asyncio.create_task(pump(proc.stdout, "stdout", queue)),
-            asyncio.create_task(pump(proc.stderr, "stderr", queue)),
-        ]
-        if request.stdin is not None:
-            tasks.append(asyncio.create_task(feed(proc, request.stdin)))
-        deadline = None if request.timeout is None else started + request.timeout
-        timed_out = False
-        finished = False
-        stderr_tail = b""
-        try:
-            open_streams = 2
-            while open_streams:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    timed_out = True
-                    await self._kill_exec(runtime, meta, proc.pid, pid_file, token)
-                    deadline = None
-                    continue
-                try:
-                    item = await asyncio.wait_for(queue.get(), remaining)
-                except TimeoutError:
-                    continue
-                if item is None:
-                    open_streams -= 1
-                    continue
-                if item.stream == "stderr":
-                    stderr_tail = (stderr_tail + item.data)[-2048:]
-                yield item
-            rc = await proc.wait()
-            finished = True
-        finally:
-            if not finished:
-                await self._kill_exec(runtime, meta, proc.pid, pid_file, token)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-            for task in tasks:
-                task.cancel()
-            process_file.unlink(missing_ok=True)
-            pid_file.unlink(missing_ok=True)
+        token = uuid.uuid4().hex[:12]
+        oom_before = cgroups.oom_kills(meta.cgroup)
+        process = _process_spec(meta, request, token)
+        end: Finished | None = None
+        async with contextlib.aclosing(runtime_exec(target, process, request, token)) as events:
+            async for event in events:
+                if isinstance(event, Finished):
+                    end = event
+                else:
+                    yield event
+        assert end is not None
         oom = cgroups.oom_kills(meta.cgroup) > oom_before
         # A dying gVisor sentry can make `runsc exec` report any code, even 0: ask
         # the runtime whether the sandbox is still there (~20 ms, runsc only).
         gone = not runtime.in_kernel and await self.status(sandbox_id) != BackendStatus.RUNNING
-        yield exit_status(rc, runtime, request, stderr_tail, timed_out, oom, started, gone)
-
-    async def _kill_exec(
-        self, runtime: OciRuntime, meta: _Meta, sid: int, pid_file: Path, token: str
-    ) -> None:
-        """Kill a command and everything it started (inside or outside gVisor)."""
-        try:
-            command_pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
-            command_pid = None
-        if runtime.in_kernel:
-            # The runtime puts the command in a session of its own: kill that session.
-            if command_pid is not None:
-                procs.kill_session(procs.session_of(command_pid) or command_pid)
-            procs.kill_session(sid)
-            marker = f"{EXEC_TOKEN_VAR}={token}".encode()
-            for pid in cgroups.pids(meta.cgroup):
-                if procs.has_environ_entry(pid, marker):
-                    procs.kill(pid)
-            return
-        if command_pid is None:
-            return
-        root = self._root(runtime)
-        rc, out, _ = await _run(runtime.command(root, "ps", meta.container))
-        tree = {command_pid}
-        if rc == 0:
-            table = ps_table(out.decode(errors="replace"))
-            grew = True
-            while grew:
-                grew = False
-                for pid, ppid in table:
-                    if ppid in tree and pid not in tree:
-                        tree.add(pid)
-                        grew = True
-        for pid in sorted(tree, reverse=True):
-            await _run(runtime.command(root, "kill", "--pid", str(pid), meta.container, "KILL"))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(sid, signal.SIGKILL)
+        yield exit_status(
+            end.returncode, runtime, request, end.stderr_tail, end.timed_out, oom, end.started, gone
+        )
 
 
 def _env_dict(pairs: list[str]) -> dict[str, str]:

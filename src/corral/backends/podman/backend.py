@@ -87,6 +87,7 @@ class PodmanBackend(Backend):
     """Sandboxes as Podman containers; see the module docstring."""
 
     name: ClassVar[str] = "podman"
+    runtimes: ClassVar[tuple[str, ...]] = ("crun", "runc", "runsc")
 
     def __init__(self, state_dir: Path, *, runtime: str = "crun") -> None:
         # The same error as the oci backend's for an unknown name.
