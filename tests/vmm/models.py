@@ -376,9 +376,12 @@ class CloudHypervisorModel:
         target = self.files.resolve(url.path)
         if url.scheme != "file" or not target.is_dir():
             return self._error(f"The VM could not be snapshotted: bad destination {url.geturl()}")
-        (target / "config.json").write_text(json.dumps(self.config))
-        (target / "state.json").write_text(json.dumps({"stand_in": "cloud-hypervisor"}))
-        (target / "memory-ranges").write_bytes(b"\0" * 4096)
+        try:
+            (target / "config.json").write_text(json.dumps(self.config))
+            (target / "state.json").write_text(json.dumps({"stand_in": "cloud-hypervisor"}))
+            (target / "memory-ranges").write_bytes(b"\0" * 4096)
+        except OSError as exc:
+            return self._error(f"The VM could not be snapshotted: {exc}")
         return Reply(204)
 
     def _vm_restore(self, body: Any) -> Reply:

@@ -133,8 +133,10 @@ class VmmDriver(abc.ABC):
       if one fails it raises `SandboxStartError` and has already released the
       process and its socket (state STOPPED).
     - A VMM refusing a runtime verb (pause, resume, snapshot, resize, add_disk)
-      raises `InvalidStateError` when the VMM named a state conflict and
-      `InfrastructureError` otherwise; the VMM's own message is `stderr_tail`.
+      raises a `UserError` when the VMM blamed the request (`InvalidStateError`
+      for the VM's state, `ConflictError` for a clash such as a duplicate disk
+      id) and `InfrastructureError` when it failed; the VMM's own message is
+      the error's `stderr_tail`. The driver's state is unchanged by a refusal.
     - `shutdown()` and `kill()` always leave no process and no API socket,
       even when the graceful path fails, and a second call does nothing.
     """

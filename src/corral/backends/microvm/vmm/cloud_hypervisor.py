@@ -73,6 +73,7 @@ class CloudHypervisorDriver(SupervisedDriver):
         self.max_vcpus = max_vcpus
         self.hotplug_memory_mib = hotplug_memory_mib
         self._vsock_uds: Path | None = None
+        self._vm_config: dict[str, Any] = {}  # what the VM was made from (bounds resize)
 
     @property
     def api_socket(self) -> Path:
@@ -103,6 +104,8 @@ class CloudHypervisorDriver(SupervisedDriver):
         status = response.status_code
         if status == 409:
             return ConflictError
+        if status == 400:  # "the configuration is not valid" (spec)
+            return UserError
         if status in (404, 405, 429) or (status == 500 and _STATE_FAULT.search(text)):
             return InvalidStateError
         return None
@@ -140,7 +143,9 @@ class CloudHypervisorDriver(SupervisedDriver):
 
     async def configure(self, boot: BootSpec) -> None:
         self._require("configure", VmmState.STARTED)
-        await self._put("vm.create", self.vm_config(boot), verb="configure", starting=True)
+        config = self.vm_config(boot)
+        await self._put("vm.create", config, verb="configure", starting=True)
+        self._vm_config = config
         self._state = VmmState.CONFIGURED
 
     async def boot(self) -> None:
@@ -205,14 +210,35 @@ class CloudHypervisorDriver(SupervisedDriver):
             if entry.name != SNAPSHOT_CONFIG:
                 (target / entry.name).symlink_to(entry.resolve())
         (target / SNAPSHOT_CONFIG).write_text(json.dumps(config))
+        self._vm_config = config
         return target
 
     async def resize(self, *, vcpus: int | None = None, memory_mib: int | None = None) -> None:
         self._require("resize", VmmState.RUNNING)
+        cpus = self._vm_config.get("cpus") or {"boot_vcpus": 1, "max_vcpus": 1}
+        memory = self._vm_config.get("memory") or {"size": 512 << 20}
         body: dict[str, Any] = {}
         if vcpus is not None:
+            most = int(cpus["max_vcpus"])
+            if not 1 <= vcpus <= most:
+                raise UserError(
+                    f"cannot resize to {vcpus} vCPUs: this VM was created for 1 to {most}",
+                    sandbox_id=self.sandbox_id,
+                    backend="microvm",
+                    hint="raise max_vcpus in the microvm cloud-hypervisor settings",
+                )
             body["desired_vcpus"] = vcpus
         if memory_mib is not None:
+            least = int(memory["size"]) >> 20
+            most = least + (int(memory.get("hotplug_size", 0)) >> 20)
+            if not least <= memory_mib <= most:
+                raise UserError(
+                    f"cannot resize to {memory_mib} MiB: this VM was created for "
+                    f"{least} to {most} MiB",
+                    sandbox_id=self.sandbox_id,
+                    backend="microvm",
+                    hint="raise hotplug_memory_mib in the microvm cloud-hypervisor settings",
+                )
             body["desired_ram"] = memory_mib << 20
         if not body:
             return
