@@ -862,6 +862,23 @@ def test_exec_interactive_raises_a_problem_frame(ws_sandbox: Callable[[WsServer]
         proc.wait()
 
 
+def test_exec_interactive_refused_at_once_raises_the_problem_on_read(
+    ws_sandbox: Callable[[WsServer], Sandbox],
+) -> None:
+    def play(connection: ServerConnection) -> None:
+        # As the server does for a bad key: the problem before reading anything, then close.
+        _, body = to_problem(errors.AuthenticationError("no API key given"))
+        connection.send(json.dumps(body))
+        connection.close()
+
+    with (
+        WsServer(play) as server,
+        ws_sandbox(server).exec_interactive("cat") as proc,
+        pytest.raises(errors.AuthenticationError, match="no API key"),
+    ):
+        proc.wait()
+
+
 def test_exec_interactive_cut_before_exit_is_server_unavailable(
     ws_sandbox: Callable[[WsServer], Sandbox],
 ) -> None:

@@ -337,7 +337,7 @@ class AsyncInteractiveExec:
 
     async def _open(self) -> AsyncInteractiveExec:
         from websockets.asyncio.client import connect, unix_connect
-        from websockets.exceptions import WebSocketException
+        from websockets.exceptions import ConnectionClosed, WebSocketException
 
         if self._ws is not None:
             return self
@@ -346,10 +346,12 @@ class AsyncInteractiveExec:
         try:
             opener = unix_connect if "path" in options else connect
             self._ws = await self._stack.enter_async_context(opener(**options))
-            await self._ws.send(self._start)
         except (OSError, WebSocketException) as exc:
             await self._stack.aclose()
             raise _ws.open_error(exc, connection, self.sandbox_id) from exc
+        # A refused session's problem frame is raised when the events are read.
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(self._start)
         return self
 
     async def send(self, data: bytes | str) -> None:

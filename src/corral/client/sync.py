@@ -321,10 +321,13 @@ class InteractiveExec:
         try:
             opener = unix_connect if "path" in options else connect
             self._ws = self._stack.enter_context(opener(**options))
-            self._ws.send(start)
         except (OSError, WebSocketException) as exc:
             self._stack.close()
             raise _ws.open_error(exc, client._connection, sandbox_id) from exc
+        # A server that refuses the session (bad key) sends its problem and closes at
+        # once; that problem is raised when the events are read.
+        with contextlib.suppress(ConnectionClosed):
+            self._ws.send(start)
 
     def __enter__(self) -> InteractiveExec:
         return self
