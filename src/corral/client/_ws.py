@@ -14,14 +14,8 @@ from typing import Any
 import httpx
 
 from corral.backends.base import ExecEvent
-from corral.client._base import (
-    Call,
-    Connection,
-    error_for,
-    exec_body,
-    exec_ws_path,
-    with_key_hint,
-)
+from corral.client._base import Call, Connection, error_for, with_key_hint
+from corral.client._calls import exec_body, exec_ws_path
 from corral.client._events import decode_event
 from corral.errors import (
     BackendUnavailableError,

@@ -18,8 +18,9 @@ import httpx
 
 from corral.api import models
 from corral.backends.base import ExecEvent, ExecResult, ExitStatus, SandboxStats
-from corral.client import _archive, _base, _ws
-from corral.client._base import DEFAULT_TIMEOUT, BaseClient, Call, SandboxOptions
+from corral.client import _archive, _base, _calls, _ws
+from corral.client._base import DEFAULT_TIMEOUT, BaseClient, Call
+from corral.client._calls import SandboxOptions
 from corral.client._events import NdjsonDecoder, ResultCollector, stream_cut
 from corral.errors import CorralError, InvalidStateError, NotFoundError
 
@@ -67,7 +68,7 @@ class AsyncCorral(BaseClient):
         self, template: str | os.PathLike[str] = "default", **options: Unpack[SandboxOptions]
     ) -> AsyncSandbox:
         """Create a sandbox from a template name or a local .toml file; returns once it runs."""
-        call = _base.create_call(template, options)
+        call = _calls.create_call(template, options)
         return AsyncSandbox(self, _base.parse(call, await self._send(call), models.Sandbox))
 
     def sandbox(
@@ -78,7 +79,7 @@ class AsyncCorral(BaseClient):
 
     async def get(self, sandbox_id: str) -> AsyncSandbox:
         """A handle on an existing sandbox, by id or name."""
-        call = _base.get_call(sandbox_id)
+        call = _calls.get_call(sandbox_id)
         return AsyncSandbox(self, _base.parse(call, await self._send(call), models.Sandbox))
 
     async def list(
@@ -89,28 +90,28 @@ class AsyncCorral(BaseClient):
         tenant: str | None = None,
     ) -> builtins.list[AsyncSandbox]:
         """This tenant's sandboxes, filtered by state and labels (`tenant`: admin keys only)."""
-        call = _base.list_call(state, labels, tenant)
+        call = _calls.list_call(state, labels, tenant)
         infos = _base.parse_list(call, await self._send(call), models.Sandbox)
         return [AsyncSandbox(self, info) for info in infos]
 
     async def templates(self) -> builtins.list[models.TemplateInfo]:
-        call = _base.templates_call()
+        call = _calls.templates_call()
         return _base.parse_list(call, await self._send(call), models.TemplateInfo)
 
     async def health(self) -> models.Health:
-        call = _base.health_call()
+        call = _calls.health_call()
         return _base.parse(call, await self._send(call), models.Health)
 
     async def ready(self) -> models.Health:
-        call = _base.ready_call()
+        call = _calls.ready_call()
         return _base.parse(call, await self._send(call), models.Health)
 
     async def tenant(self) -> models.TenantInfo:
-        call = _base.tenant_call()
+        call = _calls.tenant_call()
         return _base.parse(call, await self._send(call), models.TenantInfo)
 
     async def tenants(self) -> builtins.list[models.TenantInfo]:
-        call = _base.tenants_call()
+        call = _calls.tenants_call()
         return _base.parse_list(call, await self._send(call), models.TenantInfo)
 
     async def _send(self, call: Call) -> httpx.Response:
@@ -199,7 +200,7 @@ class AsyncSandbox:
             exc.add_note(f"and destroying sandbox {self.id} failed too: {error}")
 
     async def refresh(self) -> models.Sandbox:
-        return await self._apply(_base.get_call(self.id))
+        return await self._apply(_calls.get_call(self.id))
 
     async def exec(
         self,
@@ -232,7 +233,7 @@ class AsyncSandbox:
         An async generator: to stop early and close the request at once, wrap
         it in `contextlib.aclosing` (otherwise it closes when collected).
         """
-        call = _base.exec_call(self.id, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+        call = _calls.exec_call(self.id, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
         return self._client._events(call)
 
     def exec_interactive(
@@ -247,7 +248,7 @@ class AsyncSandbox:
         return AsyncInteractiveExec(self._client, self.id, _ws.start_frame(argv, env, cwd, timeout))
 
     async def set_timeout(self, seconds: float) -> models.Sandbox:
-        return await self._apply(_base.timeout_call(self.id, seconds))
+        return await self._apply(_calls.timeout_call(self.id, seconds))
 
     async def update(
         self,
@@ -255,25 +256,25 @@ class AsyncSandbox:
         labels: Mapping[str, str | None] | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> models.Sandbox:
-        return await self._apply(_base.patch_call(self.id, labels, metadata))
+        return await self._apply(_calls.patch_call(self.id, labels, metadata))
 
     async def set_labels(self, labels: Mapping[str, str | None]) -> models.Sandbox:
         return await self.update(labels=labels)
 
     async def stats(self) -> SandboxStats:
-        call = _base.stats_call(self.id)
+        call = _calls.stats_call(self.id)
         return _base.parse_stats(call, await self._client._send(call))
 
     async def pause(self) -> models.Sandbox:
-        return await self._apply(_base.pause_call(self.id))
+        return await self._apply(_calls.pause_call(self.id))
 
     async def resume(self) -> models.Sandbox:
-        return await self._apply(_base.resume_call(self.id))
+        return await self._apply(_calls.resume_call(self.id))
 
     async def kill(self) -> bool:
         """Destroy the sandbox; False when it was already gone."""
         try:
-            await self._client._send(_base.destroy_call(self.id))
+            await self._client._send(_calls.destroy_call(self.id))
         except NotFoundError:
             return False
         return True
@@ -290,22 +291,22 @@ class AsyncFiles:
         self._sandbox = sandbox
 
     async def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        call = _base.write_file_call(self._sandbox.id, path, data, mode)
+        call = _calls.write_file_call(self._sandbox.id, path, data, mode)
         await self._sandbox._client._send(call)
 
     async def read(self, path: str) -> bytes:
-        call = _base.read_file_call(self._sandbox.id, path)
+        call = _calls.read_file_call(self._sandbox.id, path)
         return (await self._sandbox._client._send(call)).content
 
     async def upload_dir(self, local_dir: str | os.PathLike[str], remote_dir: str) -> None:
-        call = _base.put_archive_call(self._sandbox.id, remote_dir, _archive.pack_dir(local_dir))
+        call = _calls.put_archive_call(self._sandbox.id, remote_dir, _archive.pack_dir(local_dir))
         await self._sandbox._client._send(call)
 
     async def download_dir(
         self, remote_dir: str, local_dir: str | os.PathLike[str]
     ) -> builtins.list[str]:
         """Copy `remote_dir`'s contents into `local_dir`; the names refused as unsafe."""
-        call = _base.get_archive_call(self._sandbox.id, remote_dir)
+        call = _calls.get_archive_call(self._sandbox.id, remote_dir)
         tar = (await self._sandbox._client._send(call)).content
         return _archive.unpack_into(tar, local_dir, sandbox_id=self._sandbox.id)
 

@@ -18,8 +18,9 @@ import httpx
 
 from corral.api import models
 from corral.backends.base import ExecEvent, ExecResult, ExitStatus, SandboxStats
-from corral.client import _archive, _base, _ws
-from corral.client._base import DEFAULT_TIMEOUT, BaseClient, Call, SandboxOptions
+from corral.client import _archive, _base, _calls, _ws
+from corral.client._base import DEFAULT_TIMEOUT, BaseClient, Call
+from corral.client._calls import SandboxOptions
 from corral.client._events import NdjsonDecoder, ResultCollector, stream_cut
 from corral.errors import CorralError, NotFoundError
 
@@ -72,7 +73,7 @@ class Corral(BaseClient):
 
         Use the result as a context manager to destroy it on the way out.
         """
-        call = _base.create_call(template, options)
+        call = _calls.create_call(template, options)
         return Sandbox(self, _base.parse(call, self._send(call), models.Sandbox))
 
     def sandbox(
@@ -83,7 +84,7 @@ class Corral(BaseClient):
 
     def get(self, sandbox_id: str) -> Sandbox:
         """A handle on an existing sandbox, by id or name."""
-        call = _base.get_call(sandbox_id)
+        call = _calls.get_call(sandbox_id)
         return Sandbox(self, _base.parse(call, self._send(call), models.Sandbox))
 
     def list(
@@ -94,32 +95,32 @@ class Corral(BaseClient):
         tenant: str | None = None,
     ) -> builtins.list[Sandbox]:
         """This tenant's sandboxes, filtered by state and labels (`tenant`: admin keys only)."""
-        call = _base.list_call(state, labels, tenant)
+        call = _calls.list_call(state, labels, tenant)
         infos = _base.parse_list(call, self._send(call), models.Sandbox)
         return [Sandbox(self, info) for info in infos]
 
     def templates(self) -> builtins.list[models.TemplateInfo]:
-        call = _base.templates_call()
+        call = _calls.templates_call()
         return _base.parse_list(call, self._send(call), models.TemplateInfo)
 
     def health(self) -> models.Health:
         """Whether the server process is up (no API key needed)."""
-        call = _base.health_call()
+        call = _calls.health_call()
         return _base.parse(call, self._send(call), models.Health)
 
     def ready(self) -> models.Health:
         """Whether the server can serve sandboxes; raises the problem it reports if not."""
-        call = _base.ready_call()
+        call = _calls.ready_call()
         return _base.parse(call, self._send(call), models.Health)
 
     def tenant(self) -> models.TenantInfo:
         """The key's tenant: its quota and current usage."""
-        call = _base.tenant_call()
+        call = _calls.tenant_call()
         return _base.parse(call, self._send(call), models.TenantInfo)
 
     def tenants(self) -> builtins.list[models.TenantInfo]:
         """Every tenant (admin keys only)."""
-        call = _base.tenants_call()
+        call = _calls.tenants_call()
         return _base.parse_list(call, self._send(call), models.TenantInfo)
 
     def _send(self, call: Call) -> httpx.Response:
@@ -185,7 +186,7 @@ class Sandbox:
 
     def refresh(self) -> models.Sandbox:
         """Fetch the sandbox's current record into `info`."""
-        return self._apply(_base.get_call(self.id))
+        return self._apply(_calls.get_call(self.id))
 
     def exec(
         self,
@@ -215,7 +216,7 @@ class Sandbox:
 
         Stopping early (or closing the iterator) closes the request.
         """
-        call = _base.exec_call(self.id, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+        call = _calls.exec_call(self.id, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
         return self._client._events(call)
 
     def exec_interactive(
@@ -231,7 +232,7 @@ class Sandbox:
 
     def set_timeout(self, seconds: float) -> models.Sandbox:
         """Have the sandbox reaped `seconds` from now."""
-        return self._apply(_base.timeout_call(self.id, seconds))
+        return self._apply(_calls.timeout_call(self.id, seconds))
 
     def update(
         self,
@@ -240,25 +241,25 @@ class Sandbox:
         metadata: Mapping[str, Any] | None = None,
     ) -> models.Sandbox:
         """Merge labels and metadata in; a None value removes that key."""
-        return self._apply(_base.patch_call(self.id, labels, metadata))
+        return self._apply(_calls.patch_call(self.id, labels, metadata))
 
     def set_labels(self, labels: Mapping[str, str | None]) -> models.Sandbox:
         return self.update(labels=labels)
 
     def stats(self) -> SandboxStats:
-        call = _base.stats_call(self.id)
+        call = _calls.stats_call(self.id)
         return _base.parse_stats(call, self._client._send(call))
 
     def pause(self) -> models.Sandbox:
-        return self._apply(_base.pause_call(self.id))
+        return self._apply(_calls.pause_call(self.id))
 
     def resume(self) -> models.Sandbox:
-        return self._apply(_base.resume_call(self.id))
+        return self._apply(_calls.resume_call(self.id))
 
     def kill(self) -> bool:
         """Destroy the sandbox; False when it was already gone."""
         try:
-            self._client._send(_base.destroy_call(self.id))
+            self._client._send(_calls.destroy_call(self.id))
         except NotFoundError:
             return False
         return True
@@ -276,14 +277,14 @@ class Files:
 
     def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         """Create or replace the file at `path` (a str is written as UTF-8)."""
-        self._sandbox._client._send(_base.write_file_call(self._sandbox.id, path, data, mode))
+        self._sandbox._client._send(_calls.write_file_call(self._sandbox.id, path, data, mode))
 
     def read(self, path: str) -> bytes:
-        return self._sandbox._client._send(_base.read_file_call(self._sandbox.id, path)).content
+        return self._sandbox._client._send(_calls.read_file_call(self._sandbox.id, path)).content
 
     def upload_dir(self, local_dir: str | os.PathLike[str], remote_dir: str) -> None:
         """Copy the contents of `local_dir` into `remote_dir` (merged with what is there)."""
-        call = _base.put_archive_call(self._sandbox.id, remote_dir, _archive.pack_dir(local_dir))
+        call = _calls.put_archive_call(self._sandbox.id, remote_dir, _archive.pack_dir(local_dir))
         self._sandbox._client._send(call)
 
     def download_dir(
@@ -294,7 +295,7 @@ class Files:
         Returns the names of members refused as unsafe (absolute or `..` paths,
         links out of `local_dir`, devices); everything else is written.
         """
-        call = _base.get_archive_call(self._sandbox.id, remote_dir)
+        call = _calls.get_archive_call(self._sandbox.id, remote_dir)
         tar = self._sandbox._client._send(call).content
         return _archive.unpack_into(tar, local_dir, sandbox_id=self._sandbox.id)
 

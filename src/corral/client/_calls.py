@@ -1,0 +1,249 @@
+"""Every API call as data (method, path, params, body), checked against the wire
+models before anything is sent; the clients send them (no I/O here)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+from urllib.parse import quote
+
+from pydantic import ValidationError
+
+from corral.api import models
+from corral.client._base import Call, ModelT
+from corral.client._events import argv_list, stdin_base64
+from corral.errors import NotFoundError, TemplateError, UserError
+
+# Creating may realize the template first; an mmdebstrap image build takes minutes.
+CREATE_TIMEOUT = 900.0
+# Read time allowed past an exec's own timeout, for the server to kill it and report.
+EXEC_TIMEOUT_MARGIN = 60.0
+
+
+class SandboxOptions(TypedDict, total=False):
+    """The optional fields of a new sandbox (see `corral.api.models.SandboxCreate`)."""
+
+    runtime: str
+    memory: str | int
+    cpus: float
+    pids: int
+    disk: str | int
+    cpuset: str
+    timeout: float
+    env: Mapping[str, str]
+    labels: Mapping[str, str]
+    metadata: Mapping[str, Any]
+    name: str
+
+
+def _sandbox_path(sandbox_id: str, tail: str = "") -> str:
+    return f"{models.API_PREFIX}/sandboxes/{quote(sandbox_id, safe='')}{tail}"
+
+
+def _validated(model: type[ModelT], fields: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """The JSON body for `fields`, checked against the wire model before it is sent."""
+    try:
+        body = model.model_validate(dict(fields))
+    except ValidationError as exc:
+        issues = "; ".join(
+            f"{'.'.join(str(p) for p in issue['loc']) or 'body'}: {issue['msg']}"
+            for issue in exc.errors()[:5]
+        )
+        raise UserError(f"invalid {what}: {issues}") from None
+    return body.model_dump(mode="json", exclude_unset=True)
+
+
+def _absolute(path: str) -> str:
+    if not path.startswith("/"):
+        raise UserError(
+            f"'{path}' is not an absolute path", hint="paths inside a sandbox start with '/'"
+        )
+    return path
+
+
+def health_call() -> Call:
+    return Call("GET", f"{models.API_PREFIX}/health")
+
+
+def ready_call() -> Call:
+    return Call("GET", f"{models.API_PREFIX}/ready")
+
+
+def templates_call() -> Call:
+    return Call("GET", f"{models.API_PREFIX}/templates")
+
+
+def tenant_call() -> Call:
+    return Call("GET", f"{models.API_PREFIX}/tenants/me")
+
+
+def tenants_call() -> Call:
+    return Call("GET", f"{models.API_PREFIX}/tenants")
+
+
+def create_call(template: str | os.PathLike[str], options: SandboxOptions) -> Call:
+    """A named template is sent by name; a local .toml file is read and sent whole."""
+    fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    if isinstance(template, os.PathLike) or template.endswith(".toml") or "/" in template:
+        fields["template_spec"] = read_template_file(Path(template))
+        fields["template"] = str(fields["template_spec"].get("name") or Path(template).stem)
+    else:
+        fields["template"] = template
+    body = _validated(models.SandboxCreate, fields, "sandbox settings")
+    return Call(
+        "POST",
+        f"{models.API_PREFIX}/sandboxes",
+        json=body,
+        read_timeout=CREATE_TIMEOUT,
+    )
+
+
+def read_template_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise NotFoundError(
+            f"template file '{path}' does not exist",
+            hint="check the path, or name a template the server knows (Corral.templates())",
+        ) from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TemplateError(
+            f"cannot read it: {exc}", file=str(path), hint="fix the TOML syntax"
+        ) from None
+
+
+def list_call(state: str | None, labels: Mapping[str, str] | None, tenant: str | None) -> Call:
+    params: list[tuple[str, str]] = []
+    if state is not None:
+        params.append(("state", state))
+    params.extend(("label", f"{key}={value}") for key, value in (labels or {}).items())
+    if tenant is not None:
+        params.append(("tenant", tenant))
+    return Call("GET", f"{models.API_PREFIX}/sandboxes", params=tuple(params))
+
+
+def get_call(sandbox_id: str) -> Call:
+    return Call("GET", _sandbox_path(sandbox_id), sandbox_id=sandbox_id)
+
+
+def destroy_call(sandbox_id: str) -> Call:
+    return Call("DELETE", _sandbox_path(sandbox_id), sandbox_id=sandbox_id)
+
+
+def patch_call(
+    sandbox_id: str,
+    labels: Mapping[str, str | None] | None,
+    metadata: Mapping[str, Any] | None,
+) -> Call:
+    fields: dict[str, Any] = {}
+    if labels is not None:
+        fields["labels"] = dict(labels)
+    if metadata is not None:
+        fields["metadata"] = dict(metadata)
+    body = _validated(models.SandboxPatch, fields, "labels or metadata")
+    return Call("PATCH", _sandbox_path(sandbox_id), json=body, sandbox_id=sandbox_id)
+
+
+def timeout_call(sandbox_id: str, seconds: float) -> Call:
+    body = _validated(models.TimeoutUpdate, {"seconds": seconds}, "timeout")
+    return Call("PUT", _sandbox_path(sandbox_id, "/timeout"), json=body, sandbox_id=sandbox_id)
+
+
+def pause_call(sandbox_id: str) -> Call:
+    return Call("POST", _sandbox_path(sandbox_id, "/pause"), sandbox_id=sandbox_id)
+
+
+def resume_call(sandbox_id: str) -> Call:
+    return Call("POST", _sandbox_path(sandbox_id, "/resume"), sandbox_id=sandbox_id)
+
+
+def stats_call(sandbox_id: str) -> Call:
+    return Call("GET", _sandbox_path(sandbox_id, "/stats"), sandbox_id=sandbox_id)
+
+
+def exec_body(
+    argv: str | Sequence[str],
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    stdin: bytes | str | None,
+    timeout: float | None,
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {"argv": argv_list(argv)}
+    if env:
+        fields["env"] = dict(env)
+    if cwd is not None:
+        fields["cwd"] = cwd
+    if stdin is not None:
+        fields["stdin"] = stdin_base64(stdin)
+    if timeout is not None:
+        fields["timeout"] = timeout
+    return _validated(models.ExecBody, fields, "command")
+
+
+def exec_call(
+    sandbox_id: str,
+    argv: str | Sequence[str],
+    *,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    stdin: bytes | str | None,
+    timeout: float | None,
+) -> Call:
+    return Call(
+        "POST",
+        _sandbox_path(sandbox_id, "/exec"),
+        json=exec_body(argv, env, cwd, stdin, timeout),
+        # Without a timeout a command may stay silent for as long as it likes.
+        read_timeout=None if timeout is None else timeout + EXEC_TIMEOUT_MARGIN,
+        sandbox_id=sandbox_id,
+    )
+
+
+def exec_ws_path(sandbox_id: str) -> str:
+    return _sandbox_path(sandbox_id, "/exec/ws")
+
+
+def write_file_call(sandbox_id: str, path: str, data: bytes | str, mode: int) -> Call:
+    if not 0 <= mode <= 0o7777:
+        raise UserError(f"mode {mode:#o} is not a file mode", hint="use e.g. 0o644 or 0o755")
+    return Call(
+        "PUT",
+        _sandbox_path(sandbox_id, "/files"),
+        params=(("path", _absolute(path)), ("mode", format(mode, "o"))),
+        content=data.encode() if isinstance(data, str) else bytes(data),
+        content_type="application/octet-stream",
+        sandbox_id=sandbox_id,
+    )
+
+
+def read_file_call(sandbox_id: str, path: str) -> Call:
+    return Call(
+        "GET",
+        _sandbox_path(sandbox_id, "/files"),
+        params=(("path", _absolute(path)),),
+        sandbox_id=sandbox_id,
+    )
+
+
+def put_archive_call(sandbox_id: str, path: str, tar: bytes) -> Call:
+    return Call(
+        "PUT",
+        _sandbox_path(sandbox_id, "/archive"),
+        params=(("path", _absolute(path)),),
+        content=tar,
+        content_type=models.TAR_MEDIA_TYPE,
+        sandbox_id=sandbox_id,
+    )
+
+
+def get_archive_call(sandbox_id: str, path: str) -> Call:
+    return Call(
+        "GET",
+        _sandbox_path(sandbox_id, "/archive"),
+        params=(("path", _absolute(path)),),
+        sandbox_id=sandbox_id,
+    )
