@@ -101,6 +101,7 @@ def create_app(runtime: ServerRuntime, *, manage_lifecycle: bool = True) -> Fast
         },
     )
     app.state.runtime = runtime
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     for router in (system.router, sandboxes.router, commands.router, files.router):
         app.include_router(router, prefix=API_PREFIX)
 
@@ -152,3 +153,30 @@ def create_app(runtime: ServerRuntime, *, manage_lifecycle: bool = True) -> Fast
         return JSONResponse(body, status_code=500, media_type=PROBLEM_MEDIA_TYPE)
 
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with every error response documented as what it is: an RFC
+    9457 problem (application/problem+json), the 422 of validation included."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        routes=app.routes,
+    )
+    problem = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for status, response in operation.get("responses", {}).items():
+                if status[0] in "45":
+                    response["content"] = {PROBLEM_MEDIA_TYPE: problem}
+                    response.setdefault("description", "A problem (RFC 9457)")
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    app.openapi_schema = schema
+    return schema
