@@ -5,8 +5,10 @@ safety, and the interactive exec against a loopback WebSocket server."""
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import json
+import socketserver
 import subprocess
 import sys
 import tarfile
@@ -177,11 +179,39 @@ def test_a_url_that_is_not_http_is_refused(url: str) -> None:
         Corral(url, environ={})
 
 
-def test_unix_socket_urls_go_through_httpx_uds() -> None:
-    with Corral("unix:///run/corral/api.sock", environ={}) as client:
-        assert client.url == "unix:/run/corral/api.sock"
-        assert client._connection.uds == "/run/corral/api.sock"
-        assert client._connection.base_url == "http://localhost"
+class _HealthOverUnix(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"status": "ok", "version": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self) -> tuple[Any, Any]:
+        request, _ = super().get_request()
+        return request, ("unix", 0)  # BaseHTTPRequestHandler wants a (host, port)
+
+
+def test_unix_socket_urls_go_through_httpx_uds(tmp_path: Path) -> None:
+    socket_path = tmp_path / "api.sock"
+    with _UnixHttpServer(str(socket_path), _HealthOverUnix) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            with Corral(f"unix:{socket_path}", environ={}) as client:
+                assert client.url == f"unix:{socket_path}"
+                assert client.health().version == "/v1/health"
+        finally:
+            server.shutdown()
+            thread.join(timeout=10)
 
 
 def test_without_a_key_no_authorization_is_sent_and_401_says_what_to_set(api: FakeApi) -> None:
@@ -466,6 +496,17 @@ def test_transport_errors_become_server_unavailable(failure: httpx.HTTPError) ->
     assert "http://corral.test/v1/sandboxes/sb-1" in str(caught.value)
     assert "CORRAL_URL" in str(caught.value)  # the hint
     assert caught.value.__cause__ is failure
+
+
+def test_a_closed_client_says_so(api: FakeApi) -> None:
+    client = api.client()
+    sandbox = Sandbox(client, _info("sb-1"))
+    client.close()
+    with pytest.raises(errors.InvalidStateError, match="closed"):
+        client.list()
+    with pytest.raises(errors.InvalidStateError, match="closed"):
+        sandbox.exec("true")
+    assert api.requests == []
 
 
 def test_a_refused_connection_on_a_real_port_is_server_unavailable() -> None:

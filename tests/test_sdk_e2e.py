@@ -111,7 +111,7 @@ def test_files_and_directories(sandbox: Sandbox, tmp_path: Path) -> None:
                  "ln -s src/main.rs ok-link")  # fmt: skip
     back = tmp_path / "back"
     refused = sandbox.files.download_dir("/work/proj", back)
-    assert [name.removeprefix("./") for name in refused] == ["leak"]
+    assert refused == ["leak"]
     assert (back / "out.txt").read_text() == "built\n"
     assert (back / "src" / "main.rs").read_text() == "fn main() {}\n"
     assert (back / "ok-link").read_text() == "fn main() {}\n"

@@ -41,7 +41,7 @@ def unpack_into(data: bytes, local_dir: str | os.PathLike[str], *, sandbox_id: s
         try:
             return tarfile.data_filter(member, dest)
         except tarfile.FilterError:
-            refused.append(member.name)
+            refused.append(member.name.removeprefix("./"))
             return None
 
     try:

@@ -27,6 +27,7 @@ from corral.errors import (
     ConflictError,
     CorralError,
     FileTooLargeError,
+    InvalidStateError,
     NotFoundError,
     PermissionDeniedError,
     QuotaExceededError,
@@ -176,6 +177,13 @@ class BaseClient:
 
     def _transport_errors(self, call: Call) -> TransportErrors:
         return TransportErrors(self._connection, call)
+
+    def _closed(self, call: Call) -> InvalidStateError:
+        return InvalidStateError(
+            f"{call.method} {call.path}: this client is closed",
+            sandbox_id=call.sandbox_id,
+            hint="use the client inside its `with` block, or make a new one",
+        )
 
     def _check(self, call: Call, response: httpx.Response) -> None:
         """Raise the Corral exception an error answer stands for (its body already read)."""

@@ -115,6 +115,8 @@ class AsyncCorral(BaseClient):
         return _base.parse_list(call, await self._send(call), models.TenantInfo)
 
     async def _send(self, call: Call) -> httpx.Response:
+        if self._http.is_closed:
+            raise self._closed(call)
         with self._transport_errors(call):
             response = await self._http.request(
                 call.method,
@@ -129,6 +131,8 @@ class AsyncCorral(BaseClient):
         return response
 
     async def _events(self, call: Call) -> AsyncGenerator[ExecEvent, None]:
+        if self._http.is_closed:
+            raise self._closed(call)
         decoder = NdjsonDecoder(call.sandbox_id)
         with self._transport_errors(call):
             async with self._http.stream(

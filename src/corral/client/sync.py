@@ -124,6 +124,8 @@ class Corral(BaseClient):
         return _base.parse_list(call, self._send(call), models.TenantInfo)
 
     def _send(self, call: Call) -> httpx.Response:
+        if self._http.is_closed:
+            raise self._closed(call)
         with self._transport_errors(call):
             response = self._http.request(
                 call.method,
@@ -138,6 +140,8 @@ class Corral(BaseClient):
         return response
 
     def _events(self, call: Call) -> Iterator[ExecEvent]:
+        if self._http.is_closed:
+            raise self._closed(call)
         decoder = NdjsonDecoder(call.sandbox_id)
         with (
             self._transport_errors(call),
