@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -918,6 +919,22 @@ def test_exec_interactive_refused_at_once_raises_the_problem_on_read(
         pytest.raises(errors.AuthenticationError, match="no API key"),
     ):
         proc.wait()
+
+
+def test_closing_stdin_after_the_command_ended_is_harmless(
+    ws_sandbox: Callable[[WsServer], Sandbox],
+) -> None:
+    def play(connection: ServerConnection) -> None:
+        connection.recv()
+        send_event(connection, exit_event(0))
+        connection.close()
+
+    with WsServer(play) as server, ws_sandbox(server).exec_interactive("true") as proc:
+        assert proc.wait().exit_code == 0
+        time.sleep(0.1)  # the server's close arrives
+        proc.close_stdin()
+        with pytest.raises(errors.InvalidStateError, match="stdin is closed"):
+            proc.send(b"late")
 
 
 def test_exec_interactive_cut_before_exit_is_server_unavailable(

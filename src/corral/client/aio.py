@@ -368,10 +368,13 @@ class AsyncInteractiveExec:
             await self._send(chunk)
 
     async def close_stdin(self) -> None:
-        """Send end-of-file to the command's stdin (a second call does nothing)."""
+        """Send end-of-file to the command's stdin (harmless when already closed or ended)."""
+        from websockets.exceptions import ConnectionClosed
+
         if self._stdin_open:
             self._stdin_open = False
-            await self._send(_ws.EOF_FRAME)
+            with contextlib.suppress(ConnectionClosed):
+                await self._connected().send(_ws.EOF_FRAME)
 
     async def __aiter__(self) -> AsyncIterator[ExecEvent]:
         """The command's events as they come; the last is its ExitStatus."""

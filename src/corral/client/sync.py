@@ -351,10 +351,11 @@ class InteractiveExec:
             self._send(chunk)
 
     def close_stdin(self) -> None:
-        """Send end-of-file to the command's stdin (a second call does nothing)."""
+        """Send end-of-file to the command's stdin (harmless when already closed or ended)."""
         if self._stdin_open:
             self._stdin_open = False
-            self._send(_ws.EOF_FRAME)
+            with contextlib.suppress(self._closed_error):
+                self._ws.send(_ws.EOF_FRAME)
 
     def __iter__(self) -> Iterator[ExecEvent]:
         """The command's events as they come; the last is its ExitStatus."""
