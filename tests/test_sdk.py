@@ -26,6 +26,7 @@ from corral import errors
 from corral.api.problems import PROBLEMS, to_problem
 from corral.backends.base import ExecResult, ExitStatus, Output, SandboxStats
 from corral.client import Corral, Sandbox
+from corral.client._events import NdjsonDecoder
 
 URL = "http://corral.test"
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -603,6 +604,17 @@ def test_a_malformed_line_is_server_unavailable(
     api.on("POST", "/v1/sandboxes/sb-1/exec", httpx.Response(200, content=line))
     with pytest.raises(errors.ServerUnavailableError, match=r"exec event|base64"):
         sandbox.exec(["x"])
+
+
+def test_an_endless_line_is_refused(
+    api: FakeApi, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(NdjsonDecoder, "max_line", 100)
+    stream = Chunks([b'{"type": "stdout", "data": "' + b"A" * 60] * 10)
+    api.on("POST", "/v1/sandboxes/sb-1/exec", httpx.Response(200, stream=stream))
+    with pytest.raises(errors.ServerUnavailableError, match="over 100 bytes"):
+        sandbox.exec(["x"])
+    assert stream.closed
 
 
 def test_a_problem_before_the_stream_is_raised(api: FakeApi, sandbox: Sandbox) -> None:

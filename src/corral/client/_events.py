@@ -101,6 +101,9 @@ def _outside_api(message: str, sandbox_id: str | None) -> ServerUnavailableError
 class NdjsonDecoder:
     """Splits a byte stream into NDJSON lines (across any chunk boundary) and decodes them."""
 
+    # The server sends output in small chunks; a line this long is not an event.
+    max_line = 16 << 20
+
     def __init__(self, sandbox_id: str | None) -> None:
         self.sandbox_id = sandbox_id
         self.exit_status: ExitStatus | None = None
@@ -110,6 +113,8 @@ class NdjsonDecoder:
         """The events completed by `chunk`, one by one (so output before a bad line is
         delivered); nothing after the exit event counts."""
         *lines, self._pending = (self._pending + chunk).split(b"\n")
+        if len(self._pending) > self.max_line:
+            raise _outside_api(f"an exec event line is over {self.max_line} bytes", self.sandbox_id)
         return self._decode(lines)
 
     def finish(self) -> Iterator[ExecEvent]:
