@@ -26,6 +26,7 @@ from corral.backends.oci import OciBackend
 from corral.backends.podman import PodmanBackend
 from corral.images import ImageStore
 from corral.spec.template import load_template
+from tests.postgres_harness import PostgresServer
 from tests.server_harness import ServerProcess
 
 RUNTIMES = ("crun", "runc", "runsc")
@@ -286,3 +287,25 @@ def api_server() -> Iterator[ApiServer]:
         assert not leftovers, f"sandboxes left on the session server: {leftovers}"
         assert_no_leaks(root, inits_before)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (installed by scripts/setup)."""
+    root = traversable_dir("pg")
+    server = PostgresServer(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind the store supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'corral.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database("t_" + secrets.token_hex(6))

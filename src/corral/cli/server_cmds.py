@@ -153,7 +153,7 @@ def keys_ls(
 ) -> None:
     """List keys (ids and facts; secrets are never stored)."""
     try:
-        keys = [asdict(k) for k in _tenants(db).keys(tenant)]
+        keys = [asdict(k) for k in _tenants(db).list_keys(tenant)]
     except CorralError as error:
         fail(error)
     if json_out:

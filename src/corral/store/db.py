@@ -173,10 +173,13 @@ class Store:
         try:
             with self._begin() as conn:
                 if check is not None:
+                    # A no-op write first: it takes the tenant's row lock (PostgreSQL)
+                    # or the database's write lock (SQLite) before usage is read, so
+                    # concurrent creates of one tenant check their quota one by one.
                     conn.execute(
-                        select(tenants.c.name)
+                        tenants.update()
                         .where(tenants.c.name == record.tenant)
-                        .with_for_update()
+                        .values(name=tenants.c.name)
                     )
                     check(self._usage(conn, record.tenant))
                 conn.execute(sandboxes.insert().values(**values))

@@ -155,7 +155,7 @@ class Tenants:
             raise refused
         return _key(row)
 
-    def keys(self, tenant: str | None = None) -> builtins.list[ApiKey]:
+    def list_keys(self, tenant: str | None = None) -> builtins.list[ApiKey]:
         query = select(api_keys).order_by(api_keys.c.created_at)
         if tenant is not None:
             query = query.where(api_keys.c.tenant == tenant)
