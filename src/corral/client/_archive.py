@@ -1,8 +1,8 @@
 """Directory trees to and from the tar streams of the archive endpoints.
 
 What comes back from a sandbox is untrusted: it is extracted with tarfile's
-`data` filter, and members that filter refuses (absolute or `..` paths, links
-leading out of the target, device files) are skipped and reported.
+`data` filter; absolute names and members that filter refuses (`..` paths,
+links leading out of the target, device files) are skipped and reported.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def unpack_into(data: bytes, local_dir: str | os.PathLike[str], *, sandbox_id: s
 
     def only_safe(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
         try:
+            # The data filter would strip a leading '/'; a name like that is refused instead.
+            if member.name.startswith("/"):
+                raise tarfile.AbsolutePathError(member)
             return tarfile.data_filter(member, dest)
         except tarfile.FilterError:
             refused.append(member.name.removeprefix("./"))
