@@ -14,7 +14,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -364,3 +364,43 @@ async def test_kill_and_crash_release_everything(env: Env) -> None:
         await crashed.pause()
     assert crashed.state is VmmState.STOPPED
     assert_released(crashed, pid)
+
+
+async def test_a_tap_and_extra_disks_are_configured(env: Env) -> None:
+    extra = DiskSpec("usr", env.boot.rootfs, read_only=True, serial="hostusr")
+    boot = replace(env.boot, tap="tap-sb-a", guest_mac="06:00:ac:10:00:02", extra_disks=(extra,))
+    driver = env.driver()
+    await driver.start()
+    await driver.configure(boot)
+    await driver.boot()
+    await driver.kill()
+    assert_all_valid(env.requests())
+    create = env.bodies("vm.create")[0]
+    assert create["net"] == [{"id": "eth0", "tap": "tap-sb-a", "mac": "06:00:ac:10:00:02"}]
+    assert create["disks"][2] == {
+        "id": "usr",
+        "path": str(env.boot.rootfs),
+        "readonly": True,
+        "serial": "hostusr",
+    }
+
+
+async def test_a_restored_vm_can_move_to_its_own_tap(env: Env) -> None:
+    driver = env.driver("sb-src")
+    await driver.start()
+    await driver.configure(replace(env.boot, tap="tap-src"))
+    await driver.boot()
+    await driver.pause()
+    await driver.snapshot(env.root / "snap")
+    await driver.kill()
+
+    fork = env.driver("sb-fork")
+    await fork.start()
+    await fork.restore(RestoreSpec(env.root / "snap", tap="tap-fork"))
+    async with _other_client(fork) as other:
+        info = (await other.get(f"{API}/vm.info")).json()
+    await fork.kill()
+    assert_all_valid(env.requests())
+    assert info["config"]["net"] == [{"id": "eth0", "tap": "tap-fork"}]
+    # Not moved, the vsock device bound the snapshot's socket path: released all the same.
+    assert not (env.root / "b/vsock.sock").exists()

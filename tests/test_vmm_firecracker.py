@@ -13,7 +13,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -481,3 +481,46 @@ def test_jail_ids_are_checked(env: Env, jailed: tuple[JailerConfig, Path]) -> No
 
     with pytest.raises(UserError, match="jailer ids are 1-64 letters"):
         FirecrackerDriver(env.root / "x", binary=env.binary, jailer=jailed[0], sandbox_id="bad_id!")
+
+
+async def test_a_tap_and_extra_disks_are_configured(env: Env) -> None:
+    extra = DiskSpec("usr", env.boot.rootfs, read_only=True, serial="hostusr")
+    boot = replace(env.boot, tap="tap-sb-a", guest_mac="06:00:ac:10:00:02", extra_disks=(extra,))
+    driver = env.driver()
+    await driver.start()
+    await driver.configure(boot)
+    await driver.kill()
+    assert_all_valid(env.requests())
+    assert _bodies(env, "/network-interfaces/eth0") == [
+        {"iface_id": "eth0", "host_dev_name": "tap-sb-a", "guest_mac": "06:00:ac:10:00:02"}
+    ]
+    # Firecracker's Drive has no serial: the guest tells disks apart by order (vda, vdb, vdc).
+    assert [e["path"] for e in env.requests() if e["path"].startswith("/drives/")] == [
+        "/drives/rootfs",
+        "/drives/overlay",
+        "/drives/usr",
+    ]
+    assert "serial" not in _bodies(env, "/drives/usr")[0]
+
+
+async def test_a_restored_vm_can_move_to_its_own_tap(env: Env) -> None:
+    driver = env.driver("sb-src")
+    await driver.start()
+    await driver.configure(replace(env.boot, tap="tap-src"))
+    await driver.boot()
+    await driver.pause()
+    await driver.snapshot(env.root / "snap")
+    await driver.kill()
+
+    fork = env.driver("sb-fork")
+    await fork.start()
+    await fork.restore(RestoreSpec(env.root / "snap", disks=env.boot.disks(), tap="tap-fork"))
+    transport = httpx.AsyncHTTPTransport(uds=str(fork.api_socket))
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as other:
+        config = (await other.get("/vm/config")).json()
+    await fork.kill()
+    assert_all_valid(env.requests())
+    assert _bodies(env, "/snapshot/load")[0]["network_overrides"] == [
+        {"iface_id": "eth0", "host_dev_name": "tap-fork"}
+    ]
+    assert config["network-interfaces"][0]["host_dev_name"] == "tap-fork"

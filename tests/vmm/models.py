@@ -262,6 +262,15 @@ class FirecrackerModel:
             if "vsock" not in config:
                 return fault("Load snapshot error: the snapshot has no vsock device to override.")
             config["vsock"]["uds_path"] = override["uds_path"]
+        for override in body.get("network_overrides", []):
+            nets = [
+                n
+                for n in config.get("network-interfaces", [])
+                if n["iface_id"] == override["iface_id"]
+            ]
+            if not nets:
+                return fault(f"Load snapshot error: no network interface {override['iface_id']}.")
+            nets[0]["host_dev_name"] = override["host_dev_name"]
         self.config = config
         self.started = True
         self.paused = not body.get("resume_vm", False)

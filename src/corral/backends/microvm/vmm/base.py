@@ -53,11 +53,18 @@ class VmmState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class DiskSpec:
-    """A block device given to the guest; `drive_id` must be unique per VM."""
+    """A block device given to the guest; `drive_id` must be unique per VM.
+
+    The guest sees the disks as /dev/vda, /dev/vdb, ... in `BootSpec.disks()`
+    order on both VMMs; Cloud Hypervisor also passes `serial` (virtio-blk
+    serial, /dev/disk/by-id/virtio-<serial>), which Firecracker's API has no
+    field for.
+    """
 
     drive_id: str
     path: Path
     read_only: bool
+    serial: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +112,16 @@ class RestoreSpec:
 
     `disks` re-points drives (matched by `drive_id`) at this sandbox's files,
     e.g. its own overlay copy, so several sandboxes can be forked from one
-    snapshot; `vsock_uds` moves the vsock device to this sandbox's socket.
+    snapshot; `vsock_uds` moves the vsock device to this sandbox's socket and
+    `tap` its network interface to this sandbox's tap device. Without them the
+    restored VM binds the snapshot's own socket path and tap, which clash with
+    the original sandbox if it still runs.
     """
 
     directory: Path
     disks: tuple[DiskSpec, ...] = ()
     vsock_uds: Path | None = None
+    tap: str | None = None
     resume: bool = False
 
 

@@ -200,7 +200,13 @@ class CloudHypervisorDriver(SupervisedDriver):
             if not config.get("vsock"):
                 raise ValueError("the snapshot has no vsock device")
             config["vsock"]["socket"] = str(spec.vsock_uds)
-            self._vsock_uds = spec.vsock_uds
+        if config.get("vsock"):
+            self._vsock_uds = Path(config["vsock"]["socket"])  # ours to remove on release
+        if spec.tap is not None:
+            nets = [n for n in config.get("net") or [] if n.get("id") == "eth0"]
+            if not nets:
+                raise ValueError("the snapshot has no network interface eth0")
+            nets[0]["tap"] = spec.tap
         if config.get("serial", {}).get("mode") == "File":
             config["serial"]["file"] = str(self.serial_log)
         target = self.run_dir / "restore"
@@ -280,4 +286,7 @@ class CloudHypervisorDriver(SupervisedDriver):
 
 
 def _disk(disk: DiskSpec) -> dict[str, Any]:
-    return {"id": disk.drive_id, "path": str(disk.path), "readonly": disk.read_only}
+    body: dict[str, Any] = {"id": disk.drive_id, "path": str(disk.path), "readonly": disk.read_only}
+    if disk.serial is not None:
+        body["serial"] = disk.serial
+    return body

@@ -312,6 +312,8 @@ class FirecrackerDriver(SupervisedDriver):
         }
         if spec.vsock_uds is not None:
             body["vsock_override"] = {"uds_path": self._vsock_path(spec.vsock_uds)}
+        if spec.tap is not None:
+            body["network_overrides"] = [{"iface_id": "eth0", "host_dev_name": spec.tap}]
         await self._put("/snapshot/load", body, verb="restore", starting=True)
         self._state = VmmState.RUNNING if spec.resume else VmmState.PAUSED
 
