@@ -7,9 +7,13 @@ so any output survives; the last line is always the `exit` event.
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+if TYPE_CHECKING:
+    from corral.backends.base import SandboxStats
+    from corral.store import SandboxRecord
 
 API_PREFIX = "/v1"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
@@ -74,6 +78,26 @@ class Sandbox(BaseModel):
     limits: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
 
+    @classmethod
+    def from_record(cls, record: SandboxRecord) -> Sandbox:
+        return cls(
+            id=record.id,
+            name=record.name,
+            tenant=record.tenant,
+            template=record.template,
+            backend=record.backend,
+            runtime=record.runtime,
+            state=record.state,
+            kind=record.kind,
+            image_digest=record.image_digest,
+            created_at=record.created_at,
+            expires_at=record.expires_at,
+            labels=dict(record.labels),
+            metadata=dict(record.metadata),
+            limits=dict(record.limits),
+            error=record.error,
+        )
+
 
 class ExecBody(_Body):
     argv: list[Annotated[str, StringConstraints(max_length=131072)]] = Field(min_length=1)
@@ -96,6 +120,8 @@ class ExecEventBody(BaseModel):
     oom_killed: bool = False
     duration: float | None = None
     reason: str | None = None
+    # On an `exit` line with exit_code -1: the server failed after the stream began.
+    problem: dict[str, Any] | None = None
 
 
 class Stats(BaseModel):
@@ -105,6 +131,25 @@ class Stats(BaseModel):
     pids: int
     pids_limit: int
     oom_kills: int = 0
+
+    @classmethod
+    def from_stats(cls, stats: SandboxStats) -> Stats:
+        return cls(
+            memory_bytes=stats.memory_bytes,
+            memory_limit=stats.memory_limit,
+            cpu_seconds=stats.cpu_seconds,
+            pids=stats.pids,
+            pids_limit=stats.pids_limit,
+            oom_kills=stats.oom_kills,
+        )
+
+
+class Inspection(BaseModel):
+    """A sandbox's record, what its backend reports now, and (while running) its usage."""
+
+    sandbox: Sandbox
+    backend_status: str
+    stats: Stats | None = None
 
 
 class TemplateInfo(BaseModel):

@@ -246,7 +246,8 @@ class Backend(abc.ABC):
         The default goes through exec (`sh` and `cat` in the image), so the
         sandbox's own view of its filesystem and its permissions apply.
         """
-        script = 'umask 077; cat > "$1" && chmod "$2" "$1"'
+        # Missing parent directories are made (as `mkdir -p`), like an upload expects.
+        script = 'umask 077; mkdir -p -- "${1%/*}/" && cat > "$1" && chmod "$2" "$1"'
         result = await self.exec(
             sandbox_id,
             ExecRequest(["/bin/sh", "-c", script, "sh", path, format(mode, "o")], stdin=data),
@@ -280,6 +281,16 @@ class Backend(abc.ABC):
     async def resume(self, sandbox_id: str) -> None:
         """Thaw a paused sandbox (Capability.PAUSE)."""
         raise UnsupportedError(f"{self.name} cannot resume sandboxes", backend=self.name)
+
+    async def snapshot(self, sandbox_id: str, dest: Path) -> None:
+        """Save the running sandbox's state (memory, processes, files) into the
+        directory `dest` (Capability.SNAPSHOT); the sandbox is STOPPED after."""
+        raise UnsupportedError(f"{self.name} cannot snapshot sandboxes", backend=self.name)
+
+    async def restore(self, sandbox_id: str, source: Path) -> None:
+        """Bring a snapshotted sandbox back RUNNING from `source` (Capability.SNAPSHOT):
+        its processes go on where they were, its files are as they were."""
+        raise UnsupportedError(f"{self.name} cannot restore sandboxes", backend=self.name)
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release backend-wide resources (connections); sandboxes keep running."""

@@ -165,6 +165,10 @@ def stats_call(sandbox_id: str) -> Call:
     return Call("GET", _sandbox_path(sandbox_id, "/stats"), sandbox_id=sandbox_id)
 
 
+def inspect_call(sandbox_id: str) -> Call:
+    return Call("GET", _sandbox_path(sandbox_id, "/inspect"), sandbox_id=sandbox_id)
+
+
 def exec_body(
     argv: str | Sequence[str],
     env: Mapping[str, str] | None,

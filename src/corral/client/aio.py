@@ -269,6 +269,13 @@ class AsyncSandbox:
         call = _calls.stats_call(self.id)
         return _base.parse_stats(call, await self._client._send(call))
 
+    async def inspect(self) -> models.Inspection:
+        """The record, what the backend reports now, and usage while it runs."""
+        call = _calls.inspect_call(self.id)
+        inspection = _base.parse(call, await self._client._send(call), models.Inspection)
+        self.info = inspection.sandbox
+        return inspection
+
     async def pause(self) -> models.Sandbox:
         return await self._apply(_calls.pause_call(self.id))
 

@@ -254,6 +254,13 @@ class Sandbox:
         call = _calls.stats_call(self.id)
         return _base.parse_stats(call, self._client._send(call))
 
+    def inspect(self) -> models.Inspection:
+        """The record, what the backend reports now, and usage while it runs."""
+        call = _calls.inspect_call(self.id)
+        inspection = _base.parse(call, self._client._send(call), models.Inspection)
+        self.info = inspection.sandbox
+        return inspection
+
     def pause(self) -> models.Sandbox:
         return self._apply(_calls.pause_call(self.id))
 

@@ -57,6 +57,7 @@ from corral.spec.template import Isolation, Resources, Template, load_template
 from corral.store import Quota, SandboxRecord, Store, Usage
 
 if TYPE_CHECKING:
+    from corral.api.models import Inspection
     from corral.config import Settings
     from corral.images import ImageStore
 
@@ -373,6 +374,19 @@ class SandboxManager:
                 sandbox_id=sandbox_id,
                 hint="copy less at once or raise max_file_bytes in the configuration",
             )
+
+    async def inspect(self, sandbox_id: str, *, tenant: str | None = None) -> Inspection:
+        """The record, what the backend holds now, and usage while it runs."""
+        from corral.api.models import Inspection, Sandbox, Stats
+
+        record = self.store.get(sandbox_id, tenant=tenant)
+        status = await self.backend.status(record.id)
+        stats = None
+        if record.state == SandboxState.RUNNING and status == BackendStatus.RUNNING:
+            stats = Stats.from_stats(await self.backend.stats(record.id))
+        return Inspection(
+            sandbox=Sandbox.from_record(record), backend_status=str(status), stats=stats
+        )
 
     async def stats(self, sandbox_id: str, *, tenant: str | None = None) -> SandboxStats:
         return await self.backend.stats(self._running(sandbox_id, tenant).id)

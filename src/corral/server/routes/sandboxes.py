@@ -8,7 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 
-from corral.api.models import Sandbox, SandboxCreate, SandboxPatch, Stats, TimeoutUpdate
+from corral.api.models import (
+    Inspection,
+    Sandbox,
+    SandboxCreate,
+    SandboxPatch,
+    Stats,
+    TimeoutUpdate,
+)
 from corral.errors import PermissionDeniedError, UserError
 from corral.server.app import runtime_of
 from corral.server.auth import Caller, CallerDep
@@ -20,23 +27,7 @@ router = APIRouter(tags=["sandboxes"])
 
 
 def to_model(record: SandboxRecord) -> Sandbox:
-    return Sandbox(
-        id=record.id,
-        name=record.name,
-        tenant=record.tenant,
-        template=record.template,
-        backend=record.backend,
-        runtime=record.runtime,
-        state=record.state,
-        kind=record.kind,
-        image_digest=record.image_digest,
-        created_at=record.created_at,
-        expires_at=record.expires_at,
-        labels=dict(record.labels),
-        metadata=dict(record.metadata),
-        limits=dict(record.limits),
-        error=record.error,
-    )
+    return Sandbox.from_record(record)
 
 
 def _template(request: Request, body: SandboxCreate, caller: Caller) -> Template:
@@ -155,14 +146,14 @@ async def delete_sandbox(request: Request, sandbox_id: str, caller: CallerDep) -
 @router.get("/sandboxes/{sandbox_id}/stats", response_model=Stats)
 async def stats(request: Request, sandbox_id: str, caller: CallerDep) -> Stats:
     reading = await runtime_of(request.app).manager.stats(sandbox_id, tenant=caller.scope)
-    return Stats(
-        memory_bytes=reading.memory_bytes,
-        memory_limit=reading.memory_limit,
-        cpu_seconds=reading.cpu_seconds,
-        pids=reading.pids,
-        pids_limit=reading.pids_limit,
-        oom_kills=reading.oom_kills,
-    )
+    return Stats.from_stats(reading)
+
+
+@router.get("/sandboxes/{sandbox_id}/inspect", response_model=Inspection)
+async def inspect(request: Request, sandbox_id: str, caller: CallerDep) -> Inspection:
+    """The record, the backend's view now (a sandbox can stop under its record), and
+    resource use while it runs."""
+    return await runtime_of(request.app).manager.inspect(sandbox_id, tenant=caller.scope)
 
 
 @router.post("/sandboxes/{sandbox_id}/pause", response_model=Sandbox)
