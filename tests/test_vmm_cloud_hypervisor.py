@@ -42,10 +42,19 @@ from tests.vmm.harness import (
     bundle,
     operations,
     read_record,
+    standin_pids,
     standin_vmm,
 )
 
 API = "/api/v1"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_vmm_left_behind() -> Iterator[None]:
+    """After the module, no stand-in VMM process is left running."""
+    before = standin_pids()
+    yield
+    assert standin_pids() - before == set()
 
 
 @dataclass

@@ -42,8 +42,17 @@ from tests.vmm.harness import (
     operations,
     read_record,
     standin_jailer,
+    standin_pids,
     standin_vmm,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_vmm_left_behind() -> Iterator[None]:
+    """After the module, no stand-in VMM process is left running."""
+    before = standin_pids()
+    yield
+    assert standin_pids() - before == set()
 
 
 @dataclass
@@ -524,3 +533,15 @@ async def test_a_restored_vm_can_move_to_its_own_tap(env: Env) -> None:
         {"iface_id": "eth0", "host_dev_name": "tap-fork"}
     ]
     assert config["network-interfaces"][0]["host_dev_name"] == "tap-fork"
+
+
+async def test_a_file_that_cannot_be_staged_is_a_start_error(env: Env) -> None:
+    (env.root / "sb-a").mkdir()
+    (env.root / "sb-a" / "vmlinux").mkdir()  # a directory where the kernel link must go
+    driver = env.driver()
+    await driver.start()
+    pid = driver.pid
+    with pytest.raises(SandboxStartError, match="cannot stage"):
+        await driver.configure(env.boot)
+    assert_released(driver, pid)
+    assert operations(env.requests()) == []

@@ -21,10 +21,18 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.vmm.harness import PROJECT_ROOT, read_record
+from tests.vmm.harness import PROJECT_ROOT, read_record, standin_pids
 from tests.vmm.models import LOAD_NOT_ALLOWED, NOT_AFTER_BOOT, NOT_BEFORE_BOOT
 from tests.vmm.openapi import cloud_hypervisor_spec, firecracker_spec
 from tests.vmm.spec_server import SpecServer, build
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_vmm_left_behind() -> Iterator[None]:
+    """After the module, no stand-in VMM process is left running."""
+    before = standin_pids()
+    yield
+    assert standin_pids() - before == set()
 
 
 @pytest.fixture

@@ -76,6 +76,21 @@ def bundle(directory: Path, *, vsock: bool = True) -> BootSpec:
     )
 
 
+def standin_pids() -> set[int]:
+    """Pids of stand-in VMM processes (anything running tests.vmm.spec_server)."""
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"tests.vmm.spec_server" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
 def assert_released(driver: VmmDriver, pid: int | None) -> None:
     """No process, no API socket left after shutdown/kill."""
     assert driver.pid is None

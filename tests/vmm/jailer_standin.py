@@ -1,6 +1,7 @@
 """A stand-in for Firecracker's jailer: takes the jailer's arguments, makes the chroot, execs.
 
-It checks the arguments the jailer requires (docs/jailer.md upstream), creates
+It checks the arguments the jailer requires (docs/jailer.md upstream: --id of
+1-64 letters, digits and '-', an exec file named like firecracker), creates
 `<chroot-base-dir>/<exec-file name>/<id>/root`, and execs the exec file with
 the arguments after `--` in that directory, with $STANDIN_CHROOT telling the
 stand-in VMM to resolve absolute paths under it (it does not chroot or drop
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> int:
         print(f"jailer: invalid id {args.id!r}", file=sys.stderr)
         return 2
     exec_file = Path(args.exec_file)
+    if "firecracker" not in exec_file.name:
+        print("jailer: the exec file's name must contain 'firecracker'", file=sys.stderr)
+        return 2
     if not os.access(exec_file, os.X_OK):
         print(f"jailer: exec file {exec_file} is not executable", file=sys.stderr)
         return 2

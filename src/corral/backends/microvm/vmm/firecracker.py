@@ -17,7 +17,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import httpx
 
@@ -168,6 +168,18 @@ class FirecrackerDriver(SupervisedDriver):
             os.chown(target, self.jailer.uid, self.jailer.gid)
         return "/" + name
 
+    async def _staging_failed(self, exc: BaseException) -> NoReturn:
+        """Release, and report a file that could not be staged as a start error."""
+        await self._release(grace=0)
+        if isinstance(exc, OSError):
+            raise SandboxStartError(
+                f"cannot stage {exc.filename or 'a file'} for {self.name}: {exc.strerror}",
+                sandbox_id=self.sandbox_id,
+                backend="microvm",
+                hint="check that the bundle and the sandbox's overlay exist and are readable",
+            ) from exc
+        raise exc
+
     # -- the API ------------------------------------------------------------------
 
     async def _probe(self, client: httpx.AsyncClient) -> bool:
@@ -203,9 +215,8 @@ class FirecrackerDriver(SupervisedDriver):
                 (d, self._stage(f"disk-{d.drive_id}", d.path, writable=not d.read_only))
                 for d in boot.disks()
             ]
-        except BaseException:
-            await self._release(grace=0)
-            raise
+        except BaseException as exc:
+            await self._staging_failed(exc)
         verb = "configure"
         await self._put(
             "/machine-config",
@@ -302,9 +313,8 @@ class FirecrackerDriver(SupervisedDriver):
                 memory = self._stage(
                     f"snapshot/{SNAPSHOT_MEMORY}", spec.directory / SNAPSHOT_MEMORY, writable=False
                 )
-        except BaseException:
-            await self._release(grace=0)
-            raise
+        except BaseException as exc:
+            await self._staging_failed(exc)
         body: dict[str, Any] = {
             "snapshot_path": state,
             "mem_backend": {"backend_type": "File", "backend_path": memory},
