@@ -489,6 +489,8 @@ def clean_up(state_dir: Path, bench: Bench | None) -> list[str]:
     cgroup_parent = OciBackend(state_dir).cgroup_parent
     leftovers |= cgroups.children(cgroup_parent) - {b.container for b in raw.values()}
     asyncio.run(destroy_sandboxes(state_dir, leftovers))
+    if bench is not None and bench.podman is not None:
+        asyncio.run(bench.podman.aclose())  # the podman API services it started
     left = [f"sandbox {sandbox_id}" for sandbox_id in sorted(leftovers)] + delete_raw(raw)
     left += delete_podman_raw(state_dir)
     remaining = leaks(state_dir, cgroup_parent)

@@ -1,11 +1,13 @@
 """The `podman` backend: sandboxes as Podman containers (crun, runc or runsc).
 
 Podman owns the container (`podman ps` shows it, labelled with the sandbox id
-and tenant); Corral keeps `<state>/sandboxes/<id>` for what Podman does not
-manage: the size-limited tmpfs scratch (/tmp, $HOME, workdir) and `meta.json`.
+and tenant), created, started, inspected and removed through Podman's REST API
+(service.py); Corral keeps `<state>/sandboxes/<id>` for what Podman does not
+manage: the size-limited tmpfs scratch (/tmp, $HOME, workdir) and `podman.json`.
 The idle main process is catatonit, bound read-only at /.corral like the oci
-backend's; commands run through `podman exec`. On crun and runc the container's
-ids 0-65535 are host UID_BASE+ (`--uidmap`), as on the oci backend.
+backend's; commands run through `<runtime> exec` on the container Podman
+started. On crun and runc the container's ids 0-65535 are host UID_BASE+, as
+on the oci backend.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import errno
 import json
 import os
 import shutil
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+import httpx
 
 from corral._sys import cgroups, mounts, procs
 from corral.backends.base import (
@@ -31,48 +34,56 @@ from corral.backends.base import (
     Capability,
     ExecEvent,
     ExecRequest,
-    Output,
     SandboxConfig,
     SandboxStats,
 )
-from corral.backends.oci.backend import (
-    CONTAINER_PREFIX,
+from corral.backends.oci.backend import CONTAINER_PREFIX, OciBackend, release_cgroup
+from corral.backends.oci.bundle import UID_BASE, process_spec
+from corral.backends.oci.execution import (
     EXEC_TOKEN_VAR,
-    OciBackend,
-    release_cgroup,
+    ExecTarget,
+    Finished,
+    exit_status,
+    run,
 )
-from corral.backends.oci.bundle import SANDBOX_INIT, UID_BASE, UID_RANGE
-from corral.backends.oci.execution import exit_status, feed, pump
-from corral.backends.oci.runtimes import get_runtime
-from corral.backends.podman.engine import ULIMITS, Podman
+from corral.backends.oci.execution import runtime_exec as _runtime_exec
+from corral.backends.oci.runtimes import OciRuntime, get_runtime
+from corral.backends.podman.engine import RUNSC_EGRESS, RUNTIME_ROOTS, Podman
 from corral.backends.podman.images import ImageLoader
+from corral.backends.podman.service import DEFAULT_IDLE_TIMEOUT, PodmanService
+from corral.backends.podman.spec import (
+    SANDBOX_LABEL,
+    container_spec,
+    pids_overhead,
+    sandbox_env,
+)
 from corral.backends.sandbox_dir import (
     claim_dir,
     make_scratch,
-    refuse_network,
     released_on_failure,
     sandbox_path,
 )
-from corral.errors import ExecError, NotFoundError, SandboxStartError
-
-# Under gVisor the host cgroup also counts the sentry's and gofer's own threads and
-# the ptrace platform's stub processes (~60 at idle through podman): without this
-# headroom a busy sandbox's sentry dies of EAGAIN well before `limits.pids`.
-RUNSC_PIDS_OVERHEAD = 128
-SANDBOX_LABEL = "io.corral.sandbox-id"
-TENANT_LABEL = "io.corral.tenant"
-# Kills, from inside the sandbox, every process carrying an exec's marker: under
-# gVisor the command's processes are not host processes. No pipeline: Debian's
-# runsc sentry dies when `tr ... | grep -q` closes the pipe early.
-_KILL_MARKED = (
-    'for d in /proc/[0-9]*; do grep -qxz "$1" "$d/environ" 2>/dev/null'
-    ' && kill -9 "${d#/proc/}" 2>/dev/null; done; exit 0'
+from corral.errors import (
+    BackendUnavailableError,
+    ExecError,
+    NotFoundError,
+    SandboxStartError,
+    UnsupportedError,
 )
+
+_STATES = {
+    "created": BackendStatus.CREATED,
+    "configured": BackendStatus.CREATED,
+    "initialized": BackendStatus.CREATED,
+    "running": BackendStatus.RUNNING,
+    "paused": BackendStatus.PAUSED,
+}
 
 
 @dataclass(frozen=True, slots=True)
 class _Meta:
-    runtime: str
+    runtime: str  # crun, runc or runsc: the runtime's quirks
+    podman_runtime: str  # Podman's name for it (runsc-egress for a runsc egress sandbox)
     container: str
     container_id: str
     cgroup: str  # the container's own cgroup (limits, usage)
@@ -80,6 +91,7 @@ class _Meta:
     uid: int
     gid: int
     workdir: str
+    env: dict[str, str]
     pids_overhead: int = 0  # host tasks allowed on top of limits.pids (gVisor's own)
 
 
@@ -87,24 +99,53 @@ class PodmanBackend(Backend):
     """Sandboxes as Podman containers; see the module docstring."""
 
     name: ClassVar[str] = "podman"
-    runtimes: ClassVar[tuple[str, ...]] = ("crun", "runc", "runsc")
 
-    def __init__(self, state_dir: Path, *, runtime: str = "crun") -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        runtime: str = "crun",
+        egress_host_loopback: bool = False,
+        service_idle_timeout: int = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
         # The same error as the oci backend's for an unknown name.
-        userns = get_runtime(runtime).user_namespace
-        self.capabilities = frozenset(
-            {Capability.PAUSE, Capability.CPUSET}
-            | ({Capability.USER_NAMESPACE} if userns else set())
-        )
+        quirks = get_runtime(runtime)
+        capabilities = {Capability.PAUSE, Capability.CPUSET}
+        if quirks.user_namespace:
+            capabilities.add(Capability.USER_NAMESPACE)
+        if shutil.which("slirp4netns"):
+            capabilities.add(Capability.NETWORK_EGRESS)
+        if not quirks.in_kernel:
+            # gVisor checkpoints itself; CRIU (crun/runc) fails on this kernel.
+            capabilities.add(Capability.SNAPSHOT)
+        self.capabilities = frozenset(capabilities)
         self.state_dir = Path(state_dir)
         self.default_runtime = runtime
+        # An egress sandbox may reach the host's loopback at 10.0.2.2 (off: it would
+        # expose every service the host keeps on 127.0.0.1, Corral's own included).
+        self.egress_host_loopback = egress_host_loopback
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.podman = Podman(self.state_dir)
         self.images = ImageLoader(self.podman)
+        self._idle_timeout = service_idle_timeout
+        self._services: dict[str, PodmanService] = {}
         # The same support dir (catatonit) and cgroup parent as the oci backend's,
         # so host tooling and leak checks see one layout per state dir.
         self._oci = OciBackend(self.state_dir)
         self.cgroup_parent = self._oci.cgroup_parent
+
+    def service(self, podman_runtime: str) -> PodmanService:
+        """The API service that creates containers on `podman_runtime`."""
+        if podman_runtime not in self._services:
+            self._services[podman_runtime] = PodmanService(
+                self.podman, podman_runtime, idle_timeout=self._idle_timeout
+            )
+        return self._services[podman_runtime]
+
+    async def aclose(self) -> None:
+        """Stop the API services this process started (sandboxes keep running)."""
+        for service in self._services.values():
+            await service.aclose()
 
     # -- paths and records -------------------------------------------------
 
@@ -123,13 +164,25 @@ class PodmanBackend(Backend):
                 hint="list sandboxes with `corral ls`",
             ) from None
 
+    def _any_service(self, sandbox_id: str) -> PodmanService:
+        try:
+            return self.service(self._meta(sandbox_id).podman_runtime)
+        except NotFoundError:
+            return self.service(self.default_runtime)
+
     # -- lifecycle -----------------------------------------------------------
 
     async def create(self, config: SandboxConfig) -> None:
         runtime = config.runtime or self.default_runtime
         get_runtime(runtime).binary()
         self.podman.binary()
-        refuse_network(config, self.name, "use network='none'")
+        if config.network == "egress" and Capability.NETWORK_EGRESS not in self.capabilities:
+            raise UnsupportedError(
+                "network 'egress' needs slirp4netns, which is not installed",
+                sandbox_id=config.sandbox_id,
+                backend=self.name,
+                hint="apt-get install slirp4netns, or use network='none'",
+            )
         sandbox_dir = claim_dir(self.sandboxes_dir, config.sandbox_id, self.name)
         await released_on_failure(
             self._create(config, runtime, sandbox_dir), self.destroy, config.sandbox_id
@@ -154,7 +207,10 @@ class PodmanBackend(Backend):
         )
         container = CONTAINER_PREFIX + config.sandbox_id
         cgroup_parent = f"{self.cgroup_parent}/{config.sandbox_id}"
-        argv = run_arguments(
+        podman_runtime = runtime
+        if runtime == "runsc" and config.network == "egress":
+            podman_runtime = RUNSC_EGRESS
+        spec = container_spec(
             config,
             runtime=runtime,
             container=container,
@@ -163,19 +219,16 @@ class PodmanBackend(Backend):
             support_dir=Path(self._oci.ensure_support()),
             cgroup_parent=cgroup_parent,
             seccomp_profile=self.podman.seccomp_profile,
+            host_loopback=self.egress_host_loopback,
         )
-        started = await self.podman.run(*argv)
-        if started.returncode != 0:
-            raise SandboxStartError(
-                f"podman could not start the sandbox on {runtime} (exit {started.returncode})",
-                sandbox_id=config.sandbox_id,
-                backend=self.name,
-                stderr_tail=started.error,
-                hint="run `corral doctor` to check the host",
-            )
-        container_id = started.stdout.decode().strip().splitlines()[-1]
+        service = self.service(podman_runtime)
+        created = await service.request("POST", "/containers/create", json=spec)
+        if created.status_code != 201:
+            raise self._start_error(config.sandbox_id, runtime, "create", created)
+        container_id = str(created.json()["Id"])
         meta = _Meta(
             runtime=runtime,
+            podman_runtime=podman_runtime,
             container=container,
             container_id=container_id,
             cgroup=f"{cgroup_parent}/libpod-{container_id}",
@@ -183,53 +236,82 @@ class PodmanBackend(Backend):
             uid=image.uid,
             gid=image.gid,
             workdir=image.workdir,
+            env=sandbox_env(config),
             pids_overhead=pids_overhead(runtime),
         )
         (sandbox_dir / "podman.json").write_text(json.dumps(dataclasses.asdict(meta)))
+        started = await service.request("POST", f"/containers/{container_id}/start")
+        if started.status_code not in (204, 304):
+            raise self._start_error(config.sandbox_id, runtime, "start", started)
+
+    def _start_error(
+        self, sandbox_id: str, runtime: str, step: str, response: httpx.Response
+    ) -> SandboxStartError:
+        return SandboxStartError(
+            f"podman could not {step} the sandbox on {runtime} (HTTP {response.status_code})",
+            sandbox_id=sandbox_id,
+            backend=self.name,
+            stderr_tail=_api_message(response),
+            hint="run `corral doctor` to check the host",
+        )
 
     async def destroy(self, sandbox_id: str) -> None:
         sandbox_dir = self._dir(sandbox_id)
         container = CONTAINER_PREFIX + sandbox_id
-        if (self.podman.home / "storage.conf").exists():
-            # -t 0: SIGKILL at once. Also removes a Created container a failed start left.
-            await self.podman.run("rm", "--force", "--time", "0", "--volumes", container)
+        if self.podman.storage_conf.exists():
+            # Killed first: podman's own stop polls for the exit (~100 ms more).
+            _kill_cgroup_tasks(f"{self.cgroup_parent}/{sandbox_id}", keep="conmon")
+            await self._remove_container(sandbox_id, container)
         await release_cgroup(f"{self.cgroup_parent}/{sandbox_id}")
         for point in mounts.mounts_under(sandbox_dir):
             mounts.unmount(point)
         shutil.rmtree(sandbox_dir, ignore_errors=True)
 
+    async def _remove_container(self, sandbox_id: str, container: str) -> None:
+        params = {"force": "true", "timeout": "0", "v": "true"}
+        try:
+            service = self._any_service(sandbox_id)
+            for _attempt in range(20):
+                removed = await service.request("DELETE", f"/containers/{container}", params=params)
+                # 500 while podman's own exit cleanup holds the container: try again.
+                if removed.status_code != 500:
+                    return
+                await asyncio.sleep(0.05)
+        except BackendUnavailableError:
+            pass
+        # The API is unusable: the CLI still removes it (also a Created one a failed
+        # start left, holding its name).
+        await self.podman.run("rm", "--force", "--time", "0", "--volumes", container)
+
     async def status(self, sandbox_id: str) -> BackendStatus:
         sandbox_dir = self._dir(sandbox_id)
-        state = await self._podman_state(CONTAINER_PREFIX + sandbox_id)
+        state = await self._podman_state(sandbox_id)
         if state is None:
             return BackendStatus.STOPPED if sandbox_dir.exists() else BackendStatus.MISSING
-        return {
-            "created": BackendStatus.CREATED,
-            "configured": BackendStatus.CREATED,
-            "initialized": BackendStatus.CREATED,
-            "running": BackendStatus.RUNNING,
-            "paused": BackendStatus.PAUSED,
-        }.get(state, BackendStatus.STOPPED)
+        return _STATES.get(state, BackendStatus.STOPPED)
 
-    async def _podman_state(self, container: str) -> str | None:
-        if not (self.podman.home / "storage.conf").exists():
+    async def _podman_state(self, sandbox_id: str) -> str | None:
+        if not self.podman.storage_conf.exists():
             return None
-        done = await self.podman.run("container", "inspect", "--format", "json", container)
-        if done.returncode != 0:
+        container = CONTAINER_PREFIX + sandbox_id
+        response = await self._any_service(sandbox_id).request(
+            "GET", f"/containers/{container}/json"
+        )
+        if response.status_code != 200:
             return None
-        entries = json.loads(done.stdout or b"[]")
-        return str(entries[0]["State"]["Status"]) if entries else None
+        return str(response.json()["State"]["Status"])
 
     async def list_sandboxes(self) -> list[str]:
         found: set[str] = set()
         if self.sandboxes_dir.is_dir():
             found.update(p.name for p in self.sandboxes_dir.iterdir() if p.is_dir())
-        if (self.podman.home / "storage.conf").exists():
-            listed = await self.podman.run(
-                "ps", "--all", "--filter", f"label={SANDBOX_LABEL}", "--format", "json"
+        if self.podman.storage_conf.exists():
+            filters = json.dumps({"label": [SANDBOX_LABEL]})
+            listed = await self.service(self.default_runtime).request(
+                "GET", "/containers/json", params={"all": "true", "filters": filters}
             )
-            if listed.returncode == 0 and listed.stdout.strip():
-                for entry in json.loads(listed.stdout) or []:
+            if listed.status_code == 200:
+                for entry in listed.json() or []:
                     sandbox_id = (entry.get("Labels") or {}).get(SANDBOX_LABEL)
                     if sandbox_id:
                         found.add(sandbox_id)
@@ -264,18 +346,21 @@ class PodmanBackend(Backend):
 
     async def _simple(self, sandbox_id: str, verb: str) -> None:
         meta = self._meta(sandbox_id)
-        done = await self.podman.run(verb, meta.container)
-        if done.returncode != 0:
+        service = self.service(meta.podman_runtime)
+        done = await service.request("POST", f"/containers/{meta.container_id}/{verb}")
+        if done.status_code not in (204, 304):
             raise ExecError(
-                f"podman {verb} failed (exit {done.returncode})",
+                f"podman {verb} failed (HTTP {done.status_code})",
                 sandbox_id=sandbox_id,
                 backend=self.name,
-                stderr_tail=done.error,
+                stderr_tail=_api_message(done),
             )
 
     # -- exec ----------------------------------------------------------------
 
     async def exec_stream(self, sandbox_id: str, request: ExecRequest) -> AsyncIterator[ExecEvent]:
+        """`<runtime> exec` on the container Podman started (as `podman exec` does
+        through conmon, minus ~100 ms of conmon and API round trips per command)."""
         meta = self._meta(sandbox_id)
         if not request.argv:
             raise ExecError(
@@ -285,110 +370,133 @@ class PodmanBackend(Backend):
                 hint="pass the command to run, e.g. ['/bin/true']",
             )
         runtime = get_runtime(meta.runtime)
-        token = uuid.uuid4().hex[:12]
-        argv = ["exec", "--user", f"{meta.uid}:{meta.gid}"]
-        argv += ["--workdir", request.cwd or meta.workdir]
-        for key, value in {**request.env, EXEC_TOKEN_VAR: token}.items():
-            argv += ["--env", f"{key}={value}"]
-        if request.stdin is not None:
-            argv.append("--interactive")
-        oom_before = cgroups.oom_kills(meta.cgroup)
-        started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *self.podman.command(*argv, meta.container, *request.argv),
-            env=self.podman.env,
-            cwd=self.podman.home,  # not the caller's: conmon writes an `oom` file there
-            stdin=asyncio.subprocess.PIPE
-            if request.stdin is not None
-            else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
+        target = ExecTarget(
+            runtime,
+            RUNTIME_ROOTS[runtime.name],
+            meta.container_id,
+            meta.cgroup,
+            self._dir(sandbox_id),
         )
-        queue: asyncio.Queue[Output | None] = asyncio.Queue()
-        tasks = [
-            asyncio.create_task(pump(proc.stdout, "stdout", queue)),
-            asyncio.create_task(pump(proc.stderr, "stderr", queue)),
-        ]
-        if request.stdin is not None:
-            tasks.append(asyncio.create_task(feed(proc, request.stdin)))
-        deadline = None if request.timeout is None else started + request.timeout
-        timed_out = False
-        finished = False
-        stderr_tail = b""
-        try:
-            open_streams = 2
-            while open_streams:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    timed_out = True
-                    await self._kill_exec(meta, token)
-                    deadline = None
-                    continue
-                try:
-                    item = await asyncio.wait_for(queue.get(), remaining)
-                except TimeoutError:
-                    continue
-                if item is None:
-                    open_streams -= 1
-                    continue
-                if item.stream == "stderr":
-                    stderr_tail = (stderr_tail + item.data)[-2048:]
-                yield item
-            rc = await proc.wait()
-            finished = True
-            if runtime.in_kernel:
-                self._kill_orphaned_writers(meta, token)
-        finally:
-            if not finished:
-                await asyncio.shield(self._kill_exec(meta, token))
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-            for task in tasks:
-                task.cancel()
+        token = uuid.uuid4().hex[:12]
+        process = process_spec(
+            uid=meta.uid,
+            gid=meta.gid,
+            args=list(request.argv),
+            env={**meta.env, **request.env, EXEC_TOKEN_VAR: token},
+            cwd=request.cwd or meta.workdir,
+        )
+        oom_before = cgroups.oom_kills(meta.cgroup)
+        end: Finished | None = None
+        async with contextlib.aclosing(_runtime_exec(target, process, request, token)) as events:
+            async for event in events:
+                if isinstance(event, Finished):
+                    end = event
+                else:
+                    yield event
+        assert end is not None
         oom = cgroups.oom_kills(meta.cgroup) > oom_before
         gone = not runtime.in_kernel and await self.status(sandbox_id) != BackendStatus.RUNNING
         if gone and not oom:
             oom = kernel_reported_oom(meta.cgroup)
-        yield exit_status(rc, runtime, request, stderr_tail, timed_out, oom, started, gone)
+        yield exit_status(
+            end.returncode, runtime, request, end.stderr_tail, end.timed_out, oom, end.started, gone
+        )
 
-    def _kill_orphaned_writers(self, meta: _Meta, token: str) -> None:
-        """Kill what an exec left behind still holding its output.
+    # -- snapshots (gVisor only) -----------------------------------------------
 
-        `podman exec` returns when the command's main process exits, where the oci
-        backend waits for the output to close. Podman's reader is gone by then, so
-        such a process would die of SIGPIPE at its next write; a silent one (a fork
-        bomb's children) would run on. Killed now, nothing outlives the exec but
-        what detached its output (`nohup cmd >/dev/null 2>&1 &`), as on the oci backend.
+    async def snapshot(self, sandbox_id: str, dest: Path) -> None:
+        """Checkpoint a runsc sandbox into the directory `dest`; it is STOPPED after.
+
+        Memory, processes and open files are saved by gVisor (`runsc checkpoint`);
+        the scratch (/tmp, $HOME, workdir) stays in the sandbox's directory, so
+        `restore()` brings the same sandbox back on this host.
         """
-        marker = f"{EXEC_TOKEN_VAR}={token}".encode()
-        for _pass in range(20):  # until a pass finds none: children fork meanwhile
-            found = [
-                pid
-                for pid in cgroups.pids(meta.cgroup)
-                if procs.has_environ_entry(pid, marker) and _writes_to_a_pipe(pid)
-            ]
-            if not found:
-                return
-            for pid in found:
-                procs.kill(pid)
-
-    async def _kill_exec(self, meta: _Meta, token: str) -> None:
-        """Kill every process of one exec: by its marker in the host cgroup, or
-        from inside the sandbox when gVisor hides its processes from the host."""
-        marker = f"{EXEC_TOKEN_VAR}={token}"
-        if get_runtime(meta.runtime).in_kernel:
-            for _pass in range(2):  # a second pass catches children forked meanwhile
-                for pid in cgroups.pids(meta.cgroup):
-                    if procs.has_environ_entry(pid, marker.encode()):
-                        procs.kill(pid)
-            return
-        user = f"{meta.uid}:{meta.gid}"
-        for _pass in range(2):
-            await self.podman.run(
-                "exec", "--user", user, meta.container, "/bin/sh", "-c", _KILL_MARKED, "sh", marker
+        meta = self._meta(sandbox_id)
+        runtime = self._snapshot_runtime(meta, sandbox_id)
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        argv = runtime.command(
+            RUNTIME_ROOTS["runsc"], "checkpoint", f"--image-path={dest}", meta.container_id
+        )
+        rc, _, err = await run(argv)
+        if rc != 0:
+            raise ExecError(
+                f"runsc checkpoint failed (exit {rc})",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                stderr_tail=err.decode(errors="replace")[-1000:],
             )
+        # Podman notices the exit and unmounts the rootfs; wait for it to say so.
+        service = self.service(meta.podman_runtime)
+        await service.request(
+            "POST", f"/containers/{meta.container_id}/wait", params={"condition": "exited"}
+        )
+
+    async def restore(self, sandbox_id: str, source: Path) -> None:
+        """Start a snapshotted sandbox again from `source` (see `snapshot`).
+
+        Podman starts the container as usual; Corral's runsc wrapper turns that
+        start into `runsc restore` of the staged checkpoint.
+        """
+        meta = self._meta(sandbox_id)
+        self._snapshot_runtime(meta, sandbox_id)
+        image = Path(source) / "checkpoint.img"
+        if not image.is_file():
+            raise NotFoundError(
+                f"no gVisor checkpoint at {source}",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                hint="pass the directory snapshot() wrote",
+            )
+        staged = self.podman.restore_dir / meta.container_id
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        staged.write_text(str(Path(source).resolve()))
+        try:
+            service = self.service(meta.podman_runtime)
+            started = await service.request("POST", f"/containers/{meta.container_id}/start")
+        finally:
+            staged.unlink(missing_ok=True)
+            staged.with_suffix(".restored").unlink(missing_ok=True)
+        if started.status_code not in (204, 304):
+            raise ExecError(
+                f"podman could not restore the sandbox (HTTP {started.status_code})",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                stderr_tail=_api_message(started),
+            )
+
+    def _snapshot_runtime(self, meta: _Meta, sandbox_id: str) -> OciRuntime:
+        runtime = get_runtime(meta.runtime)
+        if runtime.in_kernel:
+            raise UnsupportedError(
+                f"snapshots are not supported by {runtime.name} on this host: they need"
+                " CRIU, which fails on this kernel",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                hint="create the sandbox with runtime='runsc' (gVisor checkpoints itself)",
+            )
+        return runtime
+
+
+def _kill_cgroup_tasks(cgroup: str, *, keep: str) -> None:
+    """SIGKILL every process under `cgroup` except in its child cgroup `keep`."""
+    spared = set(cgroups.pids(f"{cgroup}/{keep}"))
+    for _pass in range(3):
+        left = [pid for pid in cgroups.pids(cgroup) if pid not in spared]
+        if not left:
+            return
+        for pid in left:
+            procs.kill(pid)
+
+
+def _api_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[-1000:]
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("cause") or body)[-1000:]
+    return str(body)[-1000:]
 
 
 def kernel_reported_oom(cgroup: str) -> bool:
@@ -417,66 +525,3 @@ def kernel_reported_oom(cgroup: str) -> bool:
                 return True
     finally:
         os.close(fd)
-
-
-def _writes_to_a_pipe(pid: int) -> bool:
-    for fd in (1, 2):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:"):
-                return True
-    return False
-
-
-def pids_overhead(runtime: str) -> int:
-    return RUNSC_PIDS_OVERHEAD if runtime == "runsc" else 0
-
-
-def run_arguments(
-    config: SandboxConfig,
-    *,
-    runtime: str,
-    container: str,
-    image_name: str,
-    scratch: Path,
-    support_dir: Path,
-    cgroup_parent: str,
-    seccomp_profile: Path,
-) -> list[str]:
-    """The `podman run` arguments for `config`: locked down like the oci backend's bundle."""
-    image = config.image
-    limits = config.limits
-    argv = ["run", "--detach", "--name", container, "--runtime", runtime, "--pull", "never"]
-    argv += ["--hostname", config.sandbox_id, "--label", f"{SANDBOX_LABEL}={config.sandbox_id}"]
-    if "tenant" in config.labels:
-        argv += ["--label", f"{TENANT_LABEL}={config.labels['tenant']}"]
-    for key, value in config.labels.items():
-        argv += ["--label", f"io.corral.label.{key}={value}"]
-    argv += ["--read-only", "--read-only-tmpfs=false", "--user", f"{image.uid}:{image.gid}"]
-    if get_runtime(runtime).user_namespace:
-        # Container ids 0-65535 are host UID_BASE+: host root is never inside. (runsc
-        # runs without one, as on the oci backend: gVisor's sentry is the boundary.)
-        mapping = f"0:{UID_BASE}:{UID_RANGE}"
-        argv += ["--uidmap", mapping, "--gidmap", mapping]
-    argv += ["--cap-drop=all", "--security-opt", "no-new-privileges", "--network", "none"]
-    argv += ["--security-opt", f"seccomp={seccomp_profile}"]
-    argv += ["--memory", str(limits.memory), "--memory-swap", str(limits.memory)]
-    argv += [
-        "--pids-limit",
-        str(limits.pids + pids_overhead(runtime)),
-        "--cpus",
-        f"{limits.vcpus:g}",
-    ]
-    if limits.cpuset:
-        argv += ["--cpuset-cpus", limits.cpuset]
-    for ulimit in ULIMITS:
-        argv += ["--ulimit", ulimit]
-    argv += ["--cgroup-parent", cgroup_parent, "--systemd", "false"]
-    for key, value in {"HOME": image.home, **image.env, **config.env}.items():
-        argv += ["--env", f"{key}={value}"]
-    argv += ["--volume", f"{support_dir}:{SANDBOX_INIT.rsplit('/', 1)[0]}:ro,nosuid,nodev"]
-    for sub, target in (("tmp", "/tmp"), ("home", image.home), ("work", image.workdir)):
-        argv += ["--volume", f"{scratch / sub}:{target}:rw,nosuid,nodev"]
-    for mount in config.mounts:
-        argv += ["--volume", f"{mount.source}:{mount.target}:ro,nosuid,nodev"]
-    argv += [image_name, SANDBOX_INIT, "-P"]
-    return argv

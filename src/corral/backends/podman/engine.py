@@ -25,8 +25,19 @@ NPROC = 4096
 ULIMITS = (f"nofile={NOFILE}:{NOFILE}", f"nproc={NPROC}:{NPROC}", "core=0:0")
 
 # Debian's runsc (2022) misdetects the root netns on new kernels and its KVM
-# platform hangs here: podman runs it through a wrapper that adds these flags.
+# platform hangs here: podman runs it through wrappers that add these flags. An
+# `egress` sandbox runs on "runsc-egress": gVisor's host network mode, inside the
+# network namespace Podman made and slirp4netns serves (never the host's own).
 RUNSC_FLAGS = ("--network=none", "--platform=ptrace")
+RUNSC_EGRESS_FLAGS = ("--network=host", "--platform=ptrace")
+RUNSC_EGRESS = "runsc-egress"
+# Where each runtime keeps its containers' state when Podman runs it as root (its
+# default --root): Corral's exec and checkpoint talk to the runtime directly there.
+RUNTIME_ROOTS = {
+    "crun": Path("/run/crun"),
+    "runc": Path("/run/runc"),
+    "runsc": Path("/var/run/runsc"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +60,8 @@ class Podman:
         self.containers_conf = self.home / "containers.conf"
         # The oci backend's deny-list: Podman's default profile allows ptrace and more.
         self.seccomp_profile = self.home / "seccomp.json"
+        # Checkpoints staged for the runsc wrapper to restore at the next start.
+        self.restore_dir = self.home / "restore"
         self._ready = False
 
     @property
@@ -77,15 +90,18 @@ class Podman:
             return
         self.home.mkdir(parents=True, exist_ok=True)
         wrapper = self.home / "bin" / "runsc"
+        egress_wrapper = self.home / "bin" / RUNSC_EGRESS
         files = {
             self.storage_conf: storage_conf(self.home),
             self.containers_conf: containers_conf(self.home, runsc=wrapper),
             self.home / "policy.json": POLICY,
             self.seccomp_profile: json.dumps(seccomp_profile(), indent=1) + "\n",
-            wrapper: runsc_wrapper(),
+            wrapper: runsc_wrapper(RUNSC_FLAGS, self.restore_dir),
+            egress_wrapper: runsc_wrapper(RUNSC_EGRESS_FLAGS, self.restore_dir),
         }
         for path, text in files.items():
-            _write_if_changed(path, text, mode=0o755 if path == wrapper else 0o644)
+            executable = path in (wrapper, egress_wrapper)
+            _write_if_changed(path, text, mode=0o755 if executable else 0o644)
         self._ready = True
 
     def command(self, *args: str) -> list[str]:
@@ -135,14 +151,40 @@ def containers_conf(home: Path, *, runsc: Path) -> str:
         'crun = ["/usr/bin/crun", "/usr/local/bin/crun"]\n'
         'runc = ["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/bin/runc"]\n'
         f'runsc = ["{runsc}"]\n'
+        f'{RUNSC_EGRESS} = ["{runsc.with_name(RUNSC_EGRESS)}"]\n'
         "\n[network]\n"
         f'network_config_dir = "{home / "networks"}"\n'
     )
 
 
-def runsc_wrapper() -> str:
+def runsc_wrapper(flags: tuple[str, ...], restore_dir: Path) -> str:
+    """runsc with Corral's flags. Podman starts a container with `runsc create ID`
+    then `runsc start ID`: for a checkpoint staged at `restore_dir/ID` (a file
+    naming its directory) they become `runsc restore --detach` and a no-op."""
     runsc = shutil.which("runsc") or "/usr/bin/runsc"
-    return f'#!/bin/sh\nexec {runsc} {" ".join(RUNSC_FLAGS)} "$@"\n'
+    return f"""#!/bin/sh
+runsc="{runsc} {" ".join(flags)}"
+staged="{restore_dir}"
+for id; do :; done
+if [ -n "$id" ] && [ -f "$staged/$id" ]; then
+  image=$(cat "$staged/$id")
+  for arg; do
+    shift
+    if [ "$arg" = create ]; then
+      set -- "$@" restore --detach "--image-path=$image"
+      : > "$staged/$id.restored"
+    else
+      set -- "$@" "$arg"
+    fi
+  done
+fi
+if [ -n "$id" ] && [ -f "$staged/$id.restored" ]; then
+  for arg; do
+    if [ "$arg" = start ]; then rm -f "$staged/$id.restored"; exit 0; fi
+  done
+fi
+exec $runsc "$@"
+"""
 
 
 # Images come only from Corral's own OCI layouts, so no signature policy applies.
