@@ -8,6 +8,7 @@ No real Firecracker runs here: see docs/microvm-vmm.md.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ from corral.errors import (
     InvalidStateError,
     SandboxStartError,
     UnsupportedError,
+    UserError,
 )
 from tests.vmm.harness import (
     assert_all_valid,
@@ -432,8 +434,6 @@ def jailed(env: Env) -> tuple[JailerConfig, Path]:
 async def test_jailed_lifecycle_stages_files_in_the_chroot(
     env: Env, jailed: tuple[JailerConfig, Path]
 ) -> None:
-    import json
-
     jailer, jailer_record = jailed
     driver = env.driver("sb-j", jailer=jailer)
     root = env.root / "jail/firecracker/sb-j/root"
@@ -486,8 +486,6 @@ async def test_jailed_lifecycle_stages_files_in_the_chroot(
 
 
 def test_jail_ids_are_checked(env: Env, jailed: tuple[JailerConfig, Path]) -> None:
-    from corral.errors import UserError
-
     with pytest.raises(UserError, match="jailer ids are 1-64 letters"):
         FirecrackerDriver(env.root / "x", binary=env.binary, jailer=jailed[0], sandbox_id="bad_id!")
 

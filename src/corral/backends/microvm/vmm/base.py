@@ -150,6 +150,9 @@ class VmmDriver(abc.ABC):
       the error's `stderr_tail`. The driver's state is unchanged by a refusal.
     - `shutdown()` and `kill()` always leave no process and no API socket,
       even when the graceful path fails, and a second call does nothing.
+
+    A driver serves one caller at a time (the backend holds the sandbox's
+    lock); only `kill()` is meant to cut into another call.
     """
 
     name: ClassVar[str]

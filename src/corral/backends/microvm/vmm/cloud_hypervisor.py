@@ -15,6 +15,7 @@ import contextlib
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,7 +60,7 @@ class CloudHypervisorDriver(SupervisedDriver):
         sandbox_id: str | None = None,
         max_vcpus: int | None = None,
         hotplug_memory_mib: int = 0,
-        environ: dict[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
         api_timeout: float = 30.0,
         start_timeout: float = 10.0,
     ) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -67,7 +68,7 @@ class FirecrackerDriver(SupervisedDriver):
         binary: str | Path | None = None,
         jailer: JailerConfig | None = None,
         sandbox_id: str | None = None,
-        environ: dict[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
         api_timeout: float = 30.0,
         start_timeout: float = 10.0,
     ) -> None:
