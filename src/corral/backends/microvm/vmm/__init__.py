@@ -11,16 +11,30 @@ from corral.backends.microvm.vmm.base import (
 )
 from corral.backends.microvm.vmm.cloud_hypervisor import CloudHypervisorDriver
 from corral.backends.microvm.vmm.firecracker import FirecrackerDriver, JailerConfig
+from corral.backends.microvm.vmm.settings import (
+    CloudHypervisorSettings,
+    FirecrackerSettings,
+    JailerSettings,
+    VmmName,
+    VmmSettings,
+    make_driver,
+)
 
 __all__ = [
     "BootSpec",
     "CloudHypervisorDriver",
+    "CloudHypervisorSettings",
     "DiskSpec",
     "FirecrackerDriver",
+    "FirecrackerSettings",
     "JailerConfig",
+    "JailerSettings",
     "RestoreSpec",
     "VmmDriver",
     "VmmInfo",
+    "VmmName",
+    "VmmSettings",
     "VmmState",
     "VsockSpec",
+    "make_driver",
 ]
