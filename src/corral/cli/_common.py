@@ -15,6 +15,7 @@ from corral.config import Settings
 from corral.errors import CorralError, UserError
 
 if TYPE_CHECKING:
+    from corral.cli.targets import Target
     from corral.runtime.manager import SandboxManager
     from corral.store import Store
 
@@ -26,6 +27,7 @@ class CliState:
     state_dir: str | None = None
     backend: str | None = None
     runtime: str | None = None
+    context: str | None = None
 
     def settings(self, **overrides: Any) -> Settings:
         return Settings.load(
@@ -37,6 +39,18 @@ class CliState:
 
         settings = self.settings()
         return SandboxManager.from_settings(settings, self.store(settings))
+
+    def target(self) -> Target:
+        """Where sandbox commands act: the context's server, or this host in-process."""
+        from corral.cli.contexts import ContextStore
+        from corral.cli.targets import LocalTarget, RemoteTarget
+
+        context = ContextStore().resolve(self.context)
+        if context.url is None:
+            return LocalTarget(self.manager(), self.runtime)
+        from corral.client import AsyncCorral
+
+        return RemoteTarget(context.name, AsyncCorral(context.url, context.token), self.runtime)
 
     def store(self, settings: Settings | None = None) -> Store:
         from corral.store import Store

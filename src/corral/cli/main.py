@@ -5,22 +5,22 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional, cast
 
 import typer
 import typer.main
 
-from corral.cli import host_cmds, images_cmds, server_cmds
+from corral.cli import context_cmds, host_cmds, images_cmds, server_cmds
 from corral.cli._common import STATE, fail, parse_env, parse_labels, print_json, run_async
 from corral.errors import UserError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator, AsyncIterator
 
     from typer._click.core import Command as ClickCommand
 
+    from corral.api.models import Sandbox
     from corral.backends.base import ExecEvent
-    from corral.store import SandboxRecord
 
 app = typer.Typer(
     name="corral",
@@ -35,6 +35,7 @@ app.command("doctor")(host_cmds.doctor)
 app.command("serve")(server_cmds.serve)
 app.add_typer(server_cmds.tenants_app, name="tenants")
 app.add_typer(server_cmds.keys_app, name="keys")
+app.add_typer(context_cmds.app, name="context")
 
 CORRAL_FAILED = 125  # `run`/`exec`: Corral itself failed (the command's codes pass through)
 
@@ -62,22 +63,32 @@ def _global(
         Optional[str],  # noqa: UP045
         typer.Option(envvar="CORRAL_RUNTIME", help="OCI runtime: crun, runc or runsc."),
     ] = None,
+    context: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(envvar="CORRAL_CONTEXT", help="Context: a server, or 'local'."),
+    ] = None,
 ) -> None:
     STATE.state_dir, STATE.backend, STATE.runtime = state_dir, backend, runtime
+    STATE.context = context
 
 
 async def _stream(events: AsyncIterator[ExecEvent]) -> int:
+    """Copy output to this process's stdout/stderr as it comes; the command's exit code."""
+    import contextlib
+
     from corral.backends.base import Output
 
-    async for event in events:
-        if isinstance(event, Output):
-            target = sys.stdout.buffer if event.stream == "stdout" else sys.stderr.buffer
-            target.write(event.data)
-            target.flush()
-        else:
-            if event.reason:
-                sys.stderr.write(f"corral: {event.reason}\n")
-            return event.exit_code
+    generator = cast("AsyncGenerator[ExecEvent]", events)
+    async with contextlib.aclosing(generator):
+        async for event in generator:
+            if isinstance(event, Output):
+                target = sys.stdout.buffer if event.stream == "stdout" else sys.stderr.buffer
+                target.write(event.data)
+                target.flush()
+            else:
+                if event.reason:
+                    sys.stderr.write(f"corral: {event.reason}\n")
+                return event.exit_code
     return CORRAL_FAILED
 
 
@@ -119,27 +130,29 @@ def run(
 
     async def go() -> int:
         env_map, labels = parse_env(env), parse_labels(label)
-        files = [_split_put(spec) for spec in put or []]
-        manager = STATE.manager()
-        record = await manager.create(
-            template,
-            runtime=STATE.runtime,
-            memory=memory,
-            cpus=cpus,
-            pids=pids,
-            disk=disk,
-            timeout=timeout,
-            labels=labels,
-        )
+        files = [(remote, _read_local(local)) for local, remote in map(_split_put, put or [])]
+        target = STATE.target()
         try:
-            for local, remote in files:
-                await manager.put_file(record.id, remote, _read_local(local))
-            events = manager.exec_stream(
-                record.id, command, env=env_map, cwd=workdir, timeout=timeout
+            sandbox = await target.create(
+                template,
+                memory=memory,
+                cpus=cpus,
+                pids=pids,
+                disk=disk,
+                timeout=timeout,
+                labels=labels,
             )
-            return await _stream(events)
+            try:
+                for remote, data in files:
+                    await target.put_file(sandbox.id, remote, data)
+                events = target.exec_stream(
+                    sandbox.id, command, env=env_map, cwd=workdir, stdin=None, timeout=timeout
+                )
+                return await _stream(events)
+            finally:
+                await target.destroy(sandbox.id)
         finally:
-            await manager.destroy(record.id)
+            await target.aclose()
 
     raise typer.Exit(run_async(go(), error_code=CORRAL_FAILED))
 
@@ -160,27 +173,30 @@ def create(
 ) -> None:
     """Create a sandbox that stays up; prints its id."""
 
-    async def go() -> SandboxRecord:
-        return await STATE.manager().create(
-            template,
-            runtime=STATE.runtime,
-            memory=memory,
-            cpus=cpus,
-            pids=pids,
-            disk=disk,
-            cpuset=cpuset,
-            timeout=timeout,
-            env=parse_env(env),
-            labels=parse_labels(label),
-            name=name,
-            progress=True,
-        )
+    async def go() -> Sandbox:
+        target = STATE.target()
+        try:
+            return await target.create(
+                template,
+                memory=memory,
+                cpus=cpus,
+                pids=pids,
+                disk=disk,
+                cpuset=cpuset,
+                timeout=timeout,
+                env=parse_env(env),
+                labels=parse_labels(label),
+                name=name,
+                progress=True,
+            )
+        finally:
+            await target.aclose()
 
-    record = run_async(go())
+    sandbox = run_async(go())
     if json_out:
-        print_json(record.to_json())
+        print_json(sandbox.model_dump(mode="json"))
     else:
-        sys.stdout.write(record.id + "\n")
+        sys.stdout.write(sandbox.id + "\n")
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -200,11 +216,14 @@ def exec_(
     data = sys.stdin.buffer.read() if stdin else None
 
     async def go() -> int:
-        manager = STATE.manager()
-        events = manager.exec_stream(
-            sandbox, command, env=parse_env(env), cwd=workdir, stdin=data, timeout=timeout
-        )
-        return await _stream(events)
+        target = STATE.target()
+        try:
+            events = target.exec_stream(
+                sandbox, command, env=parse_env(env), cwd=workdir, stdin=data, timeout=timeout
+            )
+            return await _stream(events)
+        finally:
+            await target.aclose()
 
     raise typer.Exit(run_async(go(), error_code=CORRAL_FAILED))
 
@@ -226,15 +245,14 @@ def cp(
         )
 
     async def go() -> None:
-        manager = STATE.manager()
-        if dst_box:
-            try:
-                data = Path(src_path).read_bytes()
-            except OSError as exc:
-                fail(UserError(f"cannot read '{src_path}': {exc.strerror}"))
-            await manager.put_file(dst_box, dst_path, data)
-        else:
-            Path(dst_path).write_bytes(await manager.get_file(src_box, src_path))
+        target = STATE.target()
+        try:
+            if dst_box:
+                await target.put_file(dst_box, dst_path, _read_local(Path(src_path)))
+            else:
+                Path(dst_path).write_bytes(await target.get_file(src_box, src_path))
+        finally:
+            await target.aclose()
 
     run_async(go())
 
@@ -250,10 +268,17 @@ def ls(
         labels = parse_labels(label)
     except UserError as error:
         fail(error)
-    first = next(iter(labels.items()), None)
-    records = STATE.manager().list(states=(state,) if state else None, label=first)
+
+    async def go() -> list[Sandbox]:
+        target = STATE.target()
+        try:
+            return await target.list(state=state, labels=labels)
+        finally:
+            await target.aclose()
+
+    records = run_async(go())
     if json_out:
-        print_json([r.to_json() for r in records])
+        print_json([r.model_dump(mode="json") for r in records])
         return
     from rich.console import Console
     from rich.table import Table
@@ -274,16 +299,17 @@ def inspect(sandbox: Annotated[str, typer.Argument()], json_out: JsonOpt = False
     """Show a sandbox's record and, while it runs, its resource use."""
 
     async def go() -> dict[str, object]:
-        manager = STATE.manager()
-        record = manager.get(sandbox)
-        data: dict[str, object] = record.to_json()
-        # What the runtime says now: a sandbox can stop under its record (e.g. a
-        # gVisor sentry that hit its pids limit, or a host reboot).
-        data["backend_status"] = str(await manager.backend.status(record.id))
-        if record.state == "running" and data["backend_status"] == "running":
-            from dataclasses import asdict
-
-            data["stats"] = asdict(await manager.stats(record.id))
+        target = STATE.target()
+        try:
+            inspection = await target.inspect(sandbox)
+        finally:
+            await target.aclose()
+        # The record, then what the runtime says now: a sandbox can stop under its
+        # record (e.g. a gVisor sentry that hit its pids limit, or a host reboot).
+        data: dict[str, object] = inspection.sandbox.model_dump(mode="json")
+        data["backend_status"] = inspection.backend_status
+        if inspection.stats is not None:
+            data["stats"] = inspection.stats.model_dump(mode="json")
         return data
 
     data = run_async(go())
@@ -300,10 +326,13 @@ def rm(sandboxes: Annotated[list[str], typer.Argument(help="Sandbox ids or names
     """Destroy sandboxes, releasing everything they hold."""
 
     async def go() -> None:
-        manager = STATE.manager()
-        for sandbox in sandboxes:
-            await manager.destroy(sandbox)
-            sys.stdout.write(sandbox + "\n")
+        target = STATE.target()
+        try:
+            for sandbox in sandboxes:
+                await target.destroy(sandbox)
+                sys.stdout.write(sandbox + "\n")
+        finally:
+            await target.aclose()
 
     run_async(go())
 
@@ -311,7 +340,15 @@ def rm(sandboxes: Annotated[list[str], typer.Argument(help="Sandbox ids or names
 @app.command()
 def gc(json_out: JsonOpt = False) -> None:
     """Reap expired sandboxes and remove what a crash left behind."""
-    report = run_async(STATE.manager().gc())
+
+    async def go() -> dict[str, list[str]]:
+        target = STATE.target()
+        try:
+            return await target.gc()
+        finally:
+            await target.aclose()
+
+    report = run_async(go())
     if json_out:
         print_json(report)
     else:
