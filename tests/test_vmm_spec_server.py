@@ -423,3 +423,49 @@ async def test_the_firecracker_stand_in_answers_faults_as_json(
         )
     assert proc.returncode is None
     assert [e["status"] for e in read_record(record)] == [400, 400]
+
+
+def _minimal(spec_doc: dict[str, Any], schema: dict[str, Any]) -> Any:
+    """The smallest instance of `schema`: required properties only, first enum values."""
+    if "$ref" in schema:
+        node: Any = spec_doc
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        return _minimal(spec_doc, node)
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {name: _minimal(spec_doc, props[name]) for name in schema.get("required", [])}
+    return {"string": "x", "integer": schema.get("minimum", 1), "boolean": False, "array": []}[kind]
+
+
+def test_every_preboot_and_postboot_operation_in_the_firecracker_spec_is_enforced(
+    files: Path,
+) -> None:
+    spec = firecracker_spec()
+    ruled = [
+        op
+        for op in spec.operations
+        if "-boot only" in op.summary or "fail after machine startup" in op.description
+    ]
+    assert len(ruled) == 16  # as the pinned spec marks them
+    for op in ruled:
+        schema, _ = spec.body_schema(op)
+        body = _minimal(spec.document, schema) if schema is not None else None
+        path = (
+            op.template.replace("{drive_id}", "x").replace("{iface_id}", "x").replace("{id}", "x")
+        )
+        for key in ("drive_id", "iface_id", "id"):
+            if isinstance(body, dict) and key in body:
+                body[key] = "x"
+        server = _configured_fc(files)
+        if "Post-boot only" not in op.summary:
+            ok(server, "PUT", "/actions", {"action_type": "InstanceStart"})
+            expected = LOAD_NOT_ALLOWED if op.template == "/snapshot/load" else NOT_AFTER_BOOT
+        else:
+            expected = NOT_BEFORE_BOOT
+        status, reply, entry = call(server, op.method, path, body)
+        assert entry["spec_errors"] == [], (op.template, entry["spec_errors"])
+        assert (status, reply["fault_message"]) == (400, expected), f"{op.method} {op.template}"

@@ -3,7 +3,8 @@
 Where each rule comes from (spec = the YAML in ../shared/specs, docs = upstream docs):
 
 Firecracker (firecracker.yaml, API 1.17.0-dev)
-- "Pre-boot only" / "Post-boot only" in an operation's summary (spec) decide
+- "Pre-boot only" / "Post-boot only" in an operation's summary (spec; for PUT
+  /balloon, "This will fail after machine startup" in its description) decide
   whether it is accepted before or after InstanceStart; a refusal is Firecracker's
   400 "The requested operation is not supported after/before starting the microVM."
   (the wording of its VmmActionError).
@@ -83,6 +84,11 @@ class _Files:
         return sock
 
 
+def _preboot_only(summary: str, description: str) -> bool:
+    # Most operations say so in their summary; PUT /balloon says it in its description.
+    return "Pre-boot only" in summary or "fail after machine startup" in description
+
+
 def fault(message: str, status: int = 400) -> Reply:
     return Reply(status, {"fault_message": message})
 
@@ -120,7 +126,7 @@ class FirecrackerModel:
             return self._snapshot_create(body)
         if route == "PUT /snapshot/load":
             return self._snapshot_load(body)
-        if "Pre-boot only" in op.summary and self.started:
+        if _preboot_only(op.summary, op.description) and self.started:
             return fault(NOT_AFTER_BOOT)
         if "Post-boot only" in op.summary and not self.started:
             return fault(NOT_BEFORE_BOOT)
