@@ -324,3 +324,22 @@ def test_bad_requests_get_clear_problems(api: httpx.Client) -> None:
     problem(api.get("/no/such/route"), 404, "not-found")
     names = {t["name"] for t in api.get("/templates").json()}
     assert {"default", "rust"} <= names
+
+
+def test_quota_holds_under_concurrent_creates(api_server: ApiServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = api_server.process.tenant("burst", Quota(max_sandboxes=3))
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def create(_: int) -> httpx.Response:
+        return httpx.post(api_server.url + "/v1/sandboxes", json={}, headers=headers, timeout=60)
+
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(create, range(10)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [201] * 3 + [429] * 7, [r.text for r in responses]
+    for response in responses:
+        if response.status_code == 201:
+            sandbox_id = response.json()["id"]
+            httpx.delete(f"{api_server.url}/v1/sandboxes/{sandbox_id}", headers=headers)

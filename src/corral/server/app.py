@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,9 +35,6 @@ class ServerRuntime:
     reaper: Reaper | None = None
     reconciled: dict[str, list[str]] = field(default_factory=dict)
     ready: bool = False
-    # Serializes creates per tenant so quota checks and inserts do not interleave
-    # within this process (the store's transaction covers other processes).
-    create_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     @property
     def store(self) -> Store:

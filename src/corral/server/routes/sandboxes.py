@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -56,23 +55,22 @@ async def create_sandbox(request: Request, body: SandboxCreate, caller: CallerDe
     """Create and start a sandbox owned by the caller's tenant."""
     runtime = runtime_of(request.app)
     template = _template(request, body, caller)
-    lock = runtime.create_locks.setdefault(caller.tenant, asyncio.Lock())
-    async with lock:
-        record = await runtime.manager.create(
-            template,
-            runtime=body.runtime,
-            memory=body.memory,
-            cpus=body.cpus,
-            pids=body.pids,
-            disk=body.disk,
-            cpuset=body.cpuset,
-            timeout=body.timeout,
-            env=body.env,
-            labels=body.labels,
-            metadata=body.metadata,
-            name=body.name,
-            tenant=caller.tenant,
-        )
+    # No lock: the quota check and the insert share one store transaction.
+    record = await runtime.manager.create(
+        template,
+        runtime=body.runtime,
+        memory=body.memory,
+        cpus=body.cpus,
+        pids=body.pids,
+        disk=body.disk,
+        cpuset=body.cpuset,
+        timeout=body.timeout,
+        env=body.env,
+        labels=body.labels,
+        metadata=body.metadata,
+        name=body.name,
+        tenant=caller.tenant,
+    )
     return to_model(record)
 
 
