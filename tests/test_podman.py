@@ -8,9 +8,12 @@ backend verbs on crun, runc and runsc (conftest.PODMAN_SUITES).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,11 +21,21 @@ from typing import Any
 
 import pytest
 
-from corral.backends.base import BackendStatus, Capability, ExecRequest, HostMount, SandboxLimits
+from corral.backends.base import (
+    Backend,
+    BackendStatus,
+    Capability,
+    ExecRequest,
+    HostMount,
+    Output,
+    SandboxLimits,
+)
+from corral.backends.oci import OciBackend
 from corral.backends.oci.bundle import UID_BASE, UID_RANGE
 from corral.backends.podman import PodmanBackend
 from corral.backends.podman.images import IMAGE_REPOSITORY
-from corral.errors import SandboxStartError
+from corral.backends.podman.service import service_pids
+from corral.errors import SandboxStartError, UnsupportedError
 from corral.host.doctor import Check, run_checks
 from tests.conftest import Harness, require_binary, require_root
 
@@ -41,6 +54,7 @@ async def podman(state_root: Path, default_image: Any) -> AsyncIterator[Harness]
     yield h
     for sandbox_id in h.created:
         await backend.destroy(sandbox_id)
+    await backend.aclose()
 
 
 def podman_cli(backend: PodmanBackend, *args: str) -> subprocess.CompletedProcess[str]:
@@ -199,3 +213,141 @@ def test_doctor_does_not_create_a_missing_state_dir(tmp_path: Path) -> None:
     assert checks["podman-config"].fix == "corral host prepare (creates it)"
     assert "podman/crun" not in checks
     assert not missing.exists()
+
+
+# -- the API service ---------------------------------------------------------------
+
+
+async def test_api_service_is_started_on_demand_and_stopped_by_aclose(
+    podman: Harness, state_root: Path
+) -> None:
+    assert isinstance(podman.backend, PodmanBackend)
+    home = state_root / "podman"
+    sid = await podman.sandbox()
+    [pid] = service_pids(home)
+    # Supervised: a service that died is started again by the next call.
+    os.kill(pid, signal.SIGKILL)
+    assert await podman.backend.status(sid) == BackendStatus.RUNNING
+    [restarted] = service_pids(home)
+    assert restarted != pid
+    # Another backend on the same state dir uses the running service.
+    other = PodmanBackend(state_root)
+    assert await other.status(sid) == BackendStatus.RUNNING
+    assert service_pids(home) == [restarted]
+    await podman.backend.aclose()
+    assert service_pids(home) == []
+    assert await podman.backend.status(sid) == BackendStatus.RUNNING  # started again
+    await podman.backend.destroy(sid)
+    await podman.backend.aclose()
+    assert service_pids(home) == []
+
+
+# -- exec stdin, on both backends that run `<runtime> exec` --------------------------
+
+
+async def chunks(*parts: bytes, pause: float = 0.05) -> AsyncIterator[bytes]:
+    for part in parts:
+        await asyncio.sleep(pause)
+        yield part
+
+
+@pytest.mark.parametrize("backend_name", ["oci", "podman"])
+async def test_streamed_stdin_reaches_cat(
+    backend_name: str, state_root: Path, default_image: Any
+) -> None:
+    require_root()
+    backend: Backend = (
+        PodmanBackend(state_root) if backend_name == "podman" else OciBackend(state_root)
+    )
+    h = Harness(backend, default_image.to_ref(), tuple(default_image.host_mounts), "crun")
+    try:
+        sid = await h.sandbox()
+        request = ExecRequest(["cat"], stdin=chunks(b"one ", b"two ", b"three\n"))
+        result = await backend.exec(sid, request)
+        assert (result.exit_code, result.stdout) == (0, b"one two three\n")
+        # A consumer that stops early kills the command, even with stdin still open.
+        endless = ExecRequest(["cat"], stdin=chunks(*[b"tick\n"] * 1000, pause=0.01))
+        async with contextlib.aclosing(backend.exec_stream(sid, endless)) as events:
+            async for event in events:
+                assert isinstance(event, Output)
+                assert event.data.startswith(b"tick")
+                break
+        listing = await backend.exec(sid, ExecRequest(["ps", "-eo", "stat=,comm="]))
+        # Killed: at most a zombie its init has not reaped yet.
+        alive = [line.split()[1] for line in listing.stdout.splitlines() if line[:1] != b"Z"]
+        assert b"cat" not in alive, listing.stdout
+    finally:
+        for sandbox_id in h.created:
+            await backend.destroy(sandbox_id)
+        await backend.aclose()
+
+
+# -- snapshots ------------------------------------------------------------------------
+
+# Counts in memory, writing each value to /tmp/count: a restarted process would
+# count from 1 again, a restored one goes on.
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
+
+
+async def read_count(backend: Backend, sandbox_id: str) -> int:
+    result = await backend.exec(sandbox_id, ExecRequest(["cat", "/tmp/count"]))
+    assert result.ok, result
+    return int(result.stdout)
+
+
+async def test_gvisor_snapshot_and_restore_keep_processes_and_files(
+    state_root: Path, default_image: Any, tmp_path: Path
+) -> None:
+    require_root()
+    for binary in ("podman", "runsc", "catatonit"):
+        require_binary(binary)
+    backend = PodmanBackend(state_root, runtime="runsc")
+    assert Capability.SNAPSHOT in backend.capabilities
+    h = Harness(backend, default_image.to_ref(), tuple(default_image.host_mounts), "runsc")
+    try:
+        sid = await h.sandbox()
+        script = f"echo kept > /work/before; ({COUNTER}) >/dev/null 2>&1 &"
+        assert (await backend.exec(sid, ExecRequest(["/bin/sh", "-c", script]))).ok
+        await asyncio.sleep(0.5)
+        counted = await read_count(backend, sid)
+        assert counted > 1
+
+        await backend.snapshot(sid, tmp_path / "snap")
+        assert (tmp_path / "snap" / "checkpoint.img").is_file()
+        assert await backend.status(sid) == BackendStatus.STOPPED
+        await backend.restore(sid, tmp_path / "snap")
+        assert await backend.status(sid) == BackendStatus.RUNNING
+
+        after = await backend.exec(sid, ExecRequest(["cat", "/work/before"]))
+        assert after.stdout == b"kept\n"
+        resumed = await read_count(backend, sid)
+        assert resumed >= counted, "the counter started again instead of going on"
+        await asyncio.sleep(0.5)
+        assert await read_count(backend, sid) > resumed, "the counter stopped"
+        assert not any(backend.podman.restore_dir.iterdir()), "a staged restore was left"
+    finally:
+        for sandbox_id in h.created:
+            await backend.destroy(sandbox_id)
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+async def test_snapshot_is_refused_where_criu_would_be_needed(
+    runtime: str, state_root: Path, default_image: Any, tmp_path: Path
+) -> None:
+    require_root()
+    require_binary(runtime)
+    backend = PodmanBackend(state_root, runtime=runtime)
+    assert Capability.SNAPSHOT not in backend.capabilities
+    h = Harness(backend, default_image.to_ref(), tuple(default_image.host_mounts), runtime)
+    try:
+        sid = await h.sandbox()
+        with pytest.raises(UnsupportedError, match=f"not supported by {runtime} on this host"):
+            await backend.snapshot(sid, tmp_path / "snap")
+        with pytest.raises(UnsupportedError, match=f"not supported by {runtime} on this host"):
+            await backend.restore(sid, tmp_path / "snap")
+        assert await backend.status(sid) == BackendStatus.RUNNING
+    finally:
+        for sandbox_id in h.created:
+            await backend.destroy(sandbox_id)
+        await backend.aclose()
