@@ -191,7 +191,11 @@ def test_doctor_reports_podman_through_corrals_config(state_root: Path) -> None:
     require_root()
     for binary in ("podman", "crun", "runc", "runsc", "catatonit"):
         require_binary(binary)
+    libpod_parent = Path("/sys/fs/cgroup/pids/libpod_parent")
+    had_libpod_parent = libpod_parent.exists()
     checks = {check.name: check for check in run_checks(state_dir=state_root)}
+    if not had_libpod_parent:
+        assert not libpod_parent.exists(), "the probe left podman's default cgroup parent"
     assert checks["podman-config"].status == "ok", checks["podman-config"]
     assert checks["podman-config"].detail.startswith("podman 4."), checks["podman-config"]
     storage = checks["podman-storage"]

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from corral._sys import cgroups
+from corral.backends.oci.backend import CGROUP_PARENT
 from corral.backends.oci.runtimes import RUNTIMES
 from corral.backends.podman.engine import Podman
 
@@ -328,6 +330,7 @@ def _check_podman_runtime(
         return Check(name, "warn", "not probed: catatonit is missing", "apt-get install catatonit")
     podman.home.mkdir(parents=True, exist_ok=True)
     rootfs = Path(tempfile.mkdtemp(prefix="doctor-", dir=podman.home))
+    cgroup_parent = f"{CGROUP_PARENT}/{rootfs.name}"
     try:
         rootfs.chmod(0o755)
         shutil.copy(init, rootfs / "init")
@@ -343,13 +346,17 @@ def _check_podman_runtime(
                 "{{json .Host.OCIRuntime}}",
             )
         )
-        run = ("run", "--rm", "--runtime", runtime, "--network", "none", "--rootfs", str(rootfs))
+        # Under Corral's own cgroup parent, removed after: podman's default parent
+        # (/libpod_parent) would stay behind on the host, empty, for good.
+        run = ["run", "--rm", "--runtime", runtime, "--network", "none"]
+        run += ["--cgroup-parent", cgroup_parent, "--rootfs", str(rootfs)]
         _podman(podman, binary, environ, *run, "/init", "--version")
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         fix = f"apt-get install --reinstall {RUNTIMES[runtime].apt_package}, then doctor again"
         return Check(name, "fail", f"cannot start a container: {_failure(exc)}", fix)
     finally:
         shutil.rmtree(rootfs, ignore_errors=True)
+        cgroups.remove(cgroup_parent)
     version = str(shown.get("version", "")).partition("\n")[0]
     return Check(name, "ok", f"starts containers: {version} ({shown.get('path')})")
 
