@@ -24,7 +24,8 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         access_log=False,
         lifespan="on",
         ws="websockets-sansio",
-        http="h11",
+        http="auto",  # httptools when installed (the server extra has it), else h11
+        loop="auto",  # uvloop when installed
         timeout_graceful_shutdown=10,
     )
     uvicorn.Server(config).run()

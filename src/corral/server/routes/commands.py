@@ -80,19 +80,55 @@ async def exec_command(
     events = _start(request, sandbox_id, body, caller, _stdin(body))
 
     async def lines() -> AsyncGenerator[bytes]:
+        # The client leaving must stop the command even while it prints nothing (the
+        # ASGI server reports the disconnect only to whoever reads `receive`).
+        gone = asyncio.create_task(_disconnected(request))
         try:
-            async for event in events:
+            async for event in _until(events, gone):
                 yield event_body(event).model_dump_json(exclude_defaults=True).encode() + b"\n"
         except CorralError as error:
             # Past the status line: report the failure as the stream's last event.
             _, problem = to_problem(error)
             yield json.dumps({"type": "exit", "exit_code": -1, "problem": problem}).encode()
         finally:
+            gone.cancel()
             close = getattr(events, "aclose", None)
             if close is not None:
                 await close()
 
     return StreamingResponse(lines(), media_type=NDJSON_MEDIA_TYPE)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until(
+    events: AsyncIterator[ExecEvent], stop: asyncio.Task[None]
+) -> AsyncIterator[ExecEvent]:
+    """`events` until they end or `stop` finishes (then the pending read is cancelled,
+    which runs the backend's clean-up: the command is killed)."""
+    iterator = aiter(events)
+    step: asyncio.Future[ExecEvent] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                return
+            try:
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        # However this ends (client gone, cancelled), the pending read is cancelled
+        # and awaited, so the generator below can be closed (its command killed).
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await step
 
 
 @router.websocket("/sandboxes/{sandbox_id}/exec/ws")
