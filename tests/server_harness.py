@@ -72,7 +72,7 @@ class ServerProcess:
         corral = str(Path(sys.executable).with_name("corral"))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [corral, "serve", "--port", str(self.port), "--log-level", "info"],
+            [corral, "serve", "--listen", f"127.0.0.1:{self.port}", "--log-level", "info"],
             env=self.env(),
             stdin=subprocess.DEVNULL,
             stdout=log,

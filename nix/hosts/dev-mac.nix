@@ -25,22 +25,26 @@ in
   home-manager.useGlobalPkgs = true;
   home-manager.useUserPackages = true;
   home-manager.users.${user} = {
-    # Read by the remote client (`corral --context`, a later issue): which host
-    # `corral` talks to. The API is only on the host's loopback, reached over SSH.
-    xdg.configFile."corral/contexts.toml".text = ''
-      current = "${remote}"
-
-      [contexts.${remote}]
-      url = "ssh://corral@${remote}"
-      api = "http://127.0.0.1:8731"
-      default_template = "default"
-    '';
-    home.sessionVariables.CORRAL_CONTEXT = remote;
+    # The CLI's contexts (`corral context ls`): the remote host's API, reached
+    # through an SSH tunnel (`ssh -fN ${remote}` forwards local port 7070 to the
+    # host's loopback-only `corral serve`). No key here (the Nix store is world-
+    # readable): `corral` reads it from $CORRAL_API_KEY, e.g. set from the keychain.
+    xdg.configFile."corral/contexts.json".text = builtins.toJSON {
+      current = remote;
+      contexts.${remote}.url = "http://127.0.0.1:7070";
+    };
     programs.ssh = {
       enable = true;
       matchBlocks.${remote} = {
         hostname = "${remote}.example.internal";
         user = "corral";
+        localForwards = [
+          {
+            bind.port = 7070;
+            host.address = "127.0.0.1";
+            host.port = 7070;
+          }
+        ];
         # keep one connection for the many short `corral exec` calls
         extraOptions = {
           ControlMaster = "auto";

@@ -84,7 +84,7 @@ in
 
     listen = mkOption {
       type = types.str;
-      default = "127.0.0.1:8731";
+      default = "127.0.0.1:7070";
       description = "Address of `corral serve`'s API.";
     };
 
@@ -106,8 +106,11 @@ in
     agent = {
       enable = mkOption {
         type = types.bool;
-        default = true;
-        description = "Run `corral agent`, this host's worker.";
+        default = false;
+        description = ''
+          Run `corral agent`, this host's worker in a fleet (placement across hosts).
+          The command arrives with the fleet work; a single host needs only `corral serve`.
+        '';
       };
       server = mkOption {
         type = types.str;

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from corral.cli._common import STATE, fail, print_json
-from corral.errors import CorralError
+from corral.errors import CorralError, UserError
 
 if TYPE_CHECKING:
     from corral.store import Tenants
@@ -33,6 +33,7 @@ DbOpt = Annotated[
 
 
 def serve(
+    listen: Annotated[OptStr, typer.Option(help="HOST:PORT (instead of --host/--port).")] = None,
     host: Annotated[OptStr, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
     port: Annotated[OptInt, typer.Option(help="Port (default 7070).")] = None,
     db: DbOpt = None,
@@ -41,6 +42,11 @@ def serve(
     """Serve the HTTP API: reconcile with the backend, then reap expired sandboxes while up."""
     from corral.server.serve import serve as run_server
 
+    if listen is not None:
+        host, _, port_text = listen.rpartition(":")
+        if not host or not port_text.isdigit():
+            fail(UserError(f"--listen '{listen}' is not HOST:PORT", hint="e.g. 127.0.0.1:7070"))
+        port = int(port_text)
     try:
         settings = STATE.settings(database_url=db)
         server = settings.server.model_copy(
