@@ -78,6 +78,9 @@ def fail(error: CorralError, *, code: int = 1) -> NoReturn:
 
 def run_async(coro: Coroutine[Any, Any, T], *, error_code: int = 1) -> T:
     """Run `coro`; Corral errors become a message on stderr and exit `error_code`."""
+    from corral._sys.procs import use_pidfd_child_watcher
+
+    use_pidfd_child_watcher()
     try:
         return asyncio.run(coro)
     except CorralError as error:
