@@ -45,6 +45,8 @@ class SandboxRecord:
     error: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     owner: str | None = None
+    pool: str | None = None  # the warm pool it idles in, until claimed
+    restarts: int = 0  # restarts by its restart policy (persistent sandboxes)
 
     @property
     def limits(self) -> Mapping[str, Any]:
@@ -170,6 +172,8 @@ class Store:
         values = _columns(record.to_json())
         values["updated_at"] = record.updated_at
         values["owner"] = record.owner
+        values["pool"] = record.pool
+        values["restarts"] = record.restarts
         try:
             with self._begin() as conn:
                 if check is not None:

@@ -41,11 +41,16 @@ sandboxes = Table(
     # "host:pid" of the process in the middle of creating/destroying it; a record left
     # in a transition by a process that is gone is settled by reconcile.
     Column("owner", String(160), nullable=True),
+    # The warm pool this sandbox idles in, unclaimed (NULL once claimed or never pooled).
+    Column("pool", String(128), nullable=True),
+    # Times a persistent sandbox's main process was restarted by its restart policy.
+    Column("restarts", Integer, nullable=False, default=0),
 )
 Index("ix_sandboxes_state", sandboxes.c.state)
 Index("ix_sandboxes_tenant", sandboxes.c.tenant)
 # Names are unique per tenant (NULL names never clash).
 Index("ux_sandboxes_tenant_name", sandboxes.c.tenant, sandboxes.c.name, unique=True)
+Index("ix_sandboxes_pool", sandboxes.c.pool)
 
 tenants = Table(
     "tenants",
@@ -70,5 +75,19 @@ api_keys = Table(
 )
 Index("ix_api_keys_tenant", api_keys.c.tenant)
 
+pools = Table(
+    "pools",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("name", String(128), primary_key=True),
+    Column("template", String(255), nullable=False),
+    Column("runtime", String(64), nullable=True),
+    # JSON: the create options every member gets (limits, env, template_spec, ...)
+    Column("spec", Text, nullable=False, default="{}"),
+    Column("target_size", Integer, nullable=False),
+    Column("max_idle_seconds", Float, nullable=True),  # NULL: members never age out
+    Column("created_at", Float, nullable=False),
+)
+
 # The newest migration; the store skips Alembic entirely when the database has it.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
