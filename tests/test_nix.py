@@ -203,6 +203,33 @@ uid = "2000"
 gid = 3000.0
 """,
     "missing-sections": 'name = "minimal"\n',
+    "pet-service": """name = "actor"
+kind = "persistent"
+[volume]
+size = "64M"
+path = "//state/"
+[service]
+command = ["/data/actor", "--port", "7000"]
+ports = [7000, "7001"]
+restart = "on-failure"
+backoff = "0.5"
+crash_limit = 3
+[service.env]
+Z = "z"
+A = "a"
+[service.health]
+tcp = 7000
+interval = 2
+""",
+    "service-exec-health": """name = "svc"
+[volume]
+[service]
+command = ["sleep", "infinity"]
+[service.health]
+exec = ["true"]
+retries = "2"
+timeout = 1
+""",
     "every-field": """name = "all.fields_1"
 description = "Everything set, and unicode: \u00e9"
 base = "busybox"
@@ -318,6 +345,43 @@ INVALID = {
     "fractional-timeout": ('name = "x"\ntimeout = 1.5\n', "timeout"),
     "bad-kind": ('name = "x"\nkind = "forever"\n', "kind"),
     "description-not-a-string": ('name = "x"\ndescription = 3\n', "description"),
+    "volume-too-small": ('name = "x"\n[volume]\nsize = "512K"\n', "volume.size"),
+    "volume-reserved-path": ('name = "x"\n[volume]\npath = "/dev/x"\n', "volume.path"),
+    "volume-unknown-field": ('name = "x"\n[volume]\nquota = 1\n', "volume.quota"),
+    "service-without-command": ('name = "x"\n[service]\nports = [1]\n', "service.command"),
+    "service-empty-command": ('name = "x"\n[service]\ncommand = []\n', "service.command"),
+    "service-bad-port": (
+        'name = "x"\n[service]\ncommand = ["a"]\nports = [70000]\n',
+        "service.ports.0",
+    ),
+    "service-bad-restart": (
+        'name = "x"\n[service]\ncommand = ["a"]\nrestart = "never"\n',
+        "service.restart",
+    ),
+    "service-zero-backoff": (
+        'name = "x"\n[service]\ncommand = ["a"]\nbackoff = 0\n',
+        "service.backoff",
+    ),
+    "service-bad-env": (
+        'name = "x"\n[service]\ncommand = ["a"]\nenv = {"1X" = "v"}\n',
+        "service.env",
+    ),
+    "health-no-probe": (
+        'name = "x"\n[service]\ncommand = ["a"]\n[service.health]\ninterval = 1\n',
+        "service.health",
+    ),
+    "health-two-probes": (
+        'name = "x"\n[service]\ncommand = ["a"]\n[service.health]\ntcp = 1\nexec = ["true"]\n',
+        "service.health",
+    ),
+    "health-bad-port": (
+        'name = "x"\n[service]\ncommand = ["a"]\n[service.health]\ntcp = "http"\n',
+        "service.health.tcp",
+    ),
+    "health-zero-retries": (
+        'name = "x"\n[service]\ncommand = ["a"]\n[service.health]\ntcp = 1\nretries = 0\n',
+        "service.health.retries",
+    ),
 }
 
 

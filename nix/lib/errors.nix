@@ -20,6 +20,8 @@ let
     "isolation"
     "kind"
     "timeout"
+    "volume"
+    "service"
   ];
 
   hints = {
@@ -36,6 +38,8 @@ let
     isolation = "list one or more of: container, gvisor, microvm";
     kind = "set kind to \"ephemeral\" or \"persistent\"";
     timeout = "give the default timeout in whole seconds, at least 1";
+    volume = "e.g. [volume] size = \"256M\", path = \"/data\"";
+    service = "e.g. [service] command = [\"/data/app\"], restart = \"always\"; [service.health] tcp = 7000 or exec = [...]";
   };
 
   # kind: "missing" (a required field is absent), "extra" (an unknown field) or

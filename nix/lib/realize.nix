@@ -28,7 +28,15 @@ let
   imageKey =
     t:
     let
-      blob = toJSON (removeAttrs t [ "name" "description" "resources" "timeout" "kind" ]);
+      blob = toJSON (removeAttrs t [
+          "name"
+          "description"
+          "resources"
+          "timeout"
+          "kind"
+          "volume"
+          "service"
+        ]);
       comparable = match "[ -~]*" blob != null && match ".*\\\\u000[8c].*" blob == null;
     in
     if comparable then hashString "sha256" blob else null;

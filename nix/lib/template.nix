@@ -219,6 +219,74 @@ let
     );
   uniqueInOrder = foldl' (acc: x: if elem x acc then acc else acc ++ [ x ]) [ ];
 
+  port = pipe [
+    c.int
+    (c.bounded {
+      le = 65535;
+      ge = 1;
+    })
+  ];
+
+  volume = model "Volume" [
+    (optional "size" 268435456 (pipe [
+      c.size
+      (c.bounded { ge = 1048576; })
+    ]))
+    (optional "path" "/data" (pipe [
+      c.str
+      mountTarget
+    ]))
+  ];
+
+  # HealthCheck, then its model validator (reported at the health table).
+  healthCheck = pipe [
+    (model "HealthCheck" [
+      (optional "exec" null (c.list c.str))
+      (optional "tcp" null port)
+      (optional "interval" 10.0 (pipe [
+        c.float
+        (c.bounded { gt = 0; })
+      ]))
+      (optional "timeout" 2.0 (pipe [
+        c.float
+        (c.bounded { gt = 0; })
+      ]))
+      (optional "retries" 3 (pipe [
+        c.int
+        (c.bounded { ge = 1; })
+      ]))
+    ])
+    (validate (h: (h.exec == null) != (h.tcp == null) && h.exec != [ ]) (
+      _: "give exactly one of exec (a command) or tcp (a port)"
+    ))
+  ];
+
+  service = model "Service" [
+    (field "command" (pipe [
+      (c.list c.str)
+      (validate (cmd: cmd != [ ]) (_: "the command must name a program"))
+    ]))
+    (optional "env" { } env)
+    (optional "ports" [ ] (c.list port))
+    (optional "restart" "always" (c.literal [
+      "always"
+      "on-failure"
+    ]))
+    (optional "backoff" 1.0 (pipe [
+      c.float
+      (c.bounded { gt = 0; })
+    ]))
+    (optional "max_backoff" 60.0 (pipe [
+      c.float
+      (c.bounded { gt = 0; })
+    ]))
+    (optional "crash_limit" 5 (pipe [
+      c.int
+      (c.bounded { ge = 1; })
+    ]))
+    (optional "health" null healthCheck)
+  ];
+
   template = model "Template" [
     (field "name" (pipe [
       c.str
@@ -256,6 +324,8 @@ let
       c.int
       (c.bounded { ge = 1; })
     ]))
+    (optional "volume" null volume)
+    (optional "service" null service)
   ];
 
   bases = [

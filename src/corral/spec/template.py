@@ -32,14 +32,17 @@ from corral.spec.units import parse_size
 __all__ = [
     "BUILTIN_TEMPLATES",
     "FileEntry",
+    "HealthCheck",
     "Isolation",
     "Mount",
     "Resources",
+    "Service",
     "Template",
     "User",
     "list_builtin_templates",
     "load_template",
     "parse_template",
+    "Volume",
 ]
 
 BASES = ("host", "debian:bookworm", "busybox")
@@ -127,10 +130,67 @@ class Mount(_Strict):
     @field_validator("target")
     @classmethod
     def _target(cls, value: str) -> str:
-        value = _absolute_path(value)
-        if value == "/" or value.split("/")[1] in {"proc", "sys", "dev"}:
-            raise ValueError(f"'{value}' is reserved for the runtime")
+        return _mount_target(value)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Volume(_Strict):
+    """A pet's persistent volume: `size` bytes (a hard limit), mounted read-write at `path`."""
+
+    size: Size = Field(default=256 << 20, ge=1 << 20)
+    path: str = "/data"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _mount_target(value)
+
+
+class HealthCheck(_Strict):
+    """How the supervisor probes a running service: `exec` a command inside the
+    sandbox (healthy when it exits 0) or connect to `tcp` port inside it; `retries`
+    failures in a row, `interval` seconds apart, restart the service."""
+
+    exec: tuple[str, ...] | None = None
+    tcp: Port | None = None
+    interval: float = Field(default=10.0, gt=0)
+    timeout: float = Field(default=2.0, gt=0)
+    retries: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _one_probe(self) -> HealthCheck:
+        if (self.exec is None) == (self.tcp is None) or self.exec == ():
+            raise ValueError("give exactly one of exec (a command) or tcp (a port)")
+        return self
+
+
+class Service(_Strict):
+    """The process a pet runs as its main process, restarted by the supervisor by
+    `restart` policy with exponential backoff (`backoff` seconds, doubling up to
+    `max_backoff`); `crash_limit` quick failures in a row mark the pet failed."""
+
+    command: tuple[str, ...]
+    env: dict[str, str] = Field(default_factory=dict)
+    ports: tuple[Port, ...] = ()
+    restart: Literal["always", "on-failure"] = "always"
+    backoff: float = Field(default=1.0, gt=0)
+    max_backoff: float = Field(default=60.0, gt=0)
+    crash_limit: int = Field(default=5, ge=1)
+    health: HealthCheck | None = None
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("the command must name a program")
         return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return _env_names(value)
 
 
 class Template(_Strict):
@@ -150,6 +210,8 @@ class Template(_Strict):
     isolation: tuple[Isolation, ...] = (Isolation.CONTAINER, Isolation.GVISOR, Isolation.MICROVM)
     kind: Literal["ephemeral", "persistent"] = "ephemeral"
     timeout: int = Field(default=600, ge=1)
+    volume: Volume | None = None
+    service: Service | None = None
 
     @field_validator("name")
     @classmethod
@@ -176,10 +238,7 @@ class Template(_Strict):
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not _ENV_NAME.fullmatch(key):
-                raise ValueError(f"'{key}' is not an environment variable name")
-        return dict(sorted(value.items()))
+        return _env_names(value)
 
     @field_validator("workdir")
     @classmethod
@@ -212,9 +271,9 @@ class Template(_Strict):
 
     def image_key(self) -> str:
         """sha256 over what determines the image (everything but name, description,
-        resources, timeout and kind, which only shape sandboxes)."""
+        resources, timeout, kind, volume and service, which only shape sandboxes)."""
         data = self.normalized()
-        for key in ("name", "description", "resources", "timeout", "kind"):
+        for key in ("name", "description", "resources", "timeout", "kind", "volume", "service"):
             data.pop(key)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
@@ -234,7 +293,24 @@ _HINTS: dict[str, str] = {
     "isolation": "list one or more of: container, gvisor, microvm",
     "kind": 'set kind to "ephemeral" or "persistent"',
     "timeout": "give the default timeout in whole seconds, at least 1",
+    "volume": 'e.g. [volume] size = "256M", path = "/data"',
+    "service": 'e.g. [service] command = ["/data/app"], restart = "always";'
+    " [service.health] tcp = 7000 or exec = [...]",
 }
+
+
+def _env_names(value: dict[str, str]) -> dict[str, str]:
+    for key in value:
+        if not _ENV_NAME.fullmatch(key):
+            raise ValueError(f"'{key}' is not an environment variable name")
+    return dict(sorted(value.items()))
+
+
+def _mount_target(value: str) -> str:
+    value = _absolute_path(value)
+    if value == "/" or value.split("/")[1] in {"proc", "sys", "dev"}:
+        raise ValueError(f"'{value}' is reserved for the runtime")
+    return value
 
 
 def _absolute_path(value: str) -> str:
