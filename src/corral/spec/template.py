@@ -39,10 +39,10 @@ __all__ = [
     "Service",
     "Template",
     "User",
+    "Volume",
     "list_builtin_templates",
     "load_template",
     "parse_template",
-    "Volume",
 ]
 
 BASES = ("host", "debian:bookworm", "busybox")
