@@ -395,7 +395,10 @@ class PodmanBackend(Backend):
                     yield event
         assert end is not None
         oom = cgroups.oom_kills(meta.cgroup) > oom_before
-        gone = not runtime.in_kernel and await self.status(sandbox_id) != BackendStatus.RUNNING
+        # A dying gVisor sentry can make `runsc exec` report any code, even 0: is the
+        # sandbox process still there? (The host's view: ~1 ms, where asking Podman
+        # costs a `runsc state`.)
+        gone = not runtime.in_kernel and not _gvisor_sandbox_alive(meta.cgroup)
         if gone and not oom:
             oom = kernel_reported_oom(meta.cgroup)
         yield exit_status(
@@ -487,6 +490,15 @@ def _kill_cgroup_tasks(cgroup: str, *, keep: str) -> None:
             return
         for pid in left:
             procs.kill(pid)
+
+
+def _gvisor_sandbox_alive(cgroup: str) -> bool:
+    """True while the cgroup holds a gVisor sandbox (sentry) process."""
+    for pid in cgroups.pids(cgroup):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"runsc-sandbox"):
+                return True
+    return False
 
 
 def _api_message(response: httpx.Response) -> str:
