@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import io
 import os
 import secrets
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from corral.api.models import Inspection
     from corral.config import Settings
     from corral.images import ImageStore
+    from corral.runtime.pets import PetManager
 
 RUNTIME_ISOLATION = {
     "crun": Isolation.CONTAINER,
@@ -112,6 +114,13 @@ class SandboxManager:
         self.max_file_bytes = max_file_bytes
         self.default_runtime = default_runtime
 
+    @functools.cached_property
+    def pets(self) -> PetManager:
+        """Pets: names, volumes, pinned CPUs, memory, promotion, service supervision."""
+        from corral.runtime.pets import PetManager
+
+        return PetManager(self, self.images.root.parent)
+
     @classmethod
     def from_settings(cls, settings: Settings, store: Store | None = None) -> SandboxManager:
         """The manager a CLI command or server uses: the configured backend, database
@@ -148,10 +157,22 @@ class SandboxManager:
         name: str | None = None,
         tenant: str = "local",
         progress: bool = False,
+        pool: str | None = None,
+        pet: Mapping[str, Any] | None = None,
+        extra_mounts: Sequence[HostMount] = (),
     ) -> SandboxRecord:
         """Create and start a sandbox for `tenant`; on failure nothing is left (record
-        included). The tenant's quota is checked in the same transaction as the insert."""
+        included). The tenant's quota is checked in the same transaction as the insert.
+        With `pool` it idles in that warm pool (no timeout) until claimed."""
         spec = template if isinstance(template, Template) else load_template(template)
+        if spec.kind == "persistent" and pet is None:
+            # A pet: its name, volume, pinned CPUs and memory are settled by the pets'
+            # allocator, which then comes back here with `pet` and the volume mount.
+            return await self.pets.create(
+                spec, runtime=runtime, memory=memory, cpus=cpus, pids=pids, disk=disk,
+                cpuset=cpuset, env=env, labels=labels, metadata=metadata, name=name,
+                tenant=tenant, progress=progress,
+            )  # fmt: skip
         runtime = self._choose_runtime(spec, runtime)
         # In a thread: a first build of a template can take a while, and a server's
         # other requests must not wait on it.
@@ -170,6 +191,7 @@ class SandboxManager:
             if any(source == m.source and mount.target == m.target for m in mounts):
                 continue
             mounts.append(HostMount(source, mount.target))
+        mounts += extra_mounts
         sandbox_id = new_sandbox_id()
         now = time.time()
         sandbox_timeout = timeout if timeout is not None else spec.timeout
@@ -187,7 +209,7 @@ class SandboxManager:
             image_digest=image.digest,
             created_at=now,
             updated_at=now,
-            expires_at=now + sandbox_timeout if spec.kind == "ephemeral" else None,
+            expires_at=now + sandbox_timeout if spec.kind == "ephemeral" and pool is None else None,
             labels=dict(labels or {}),
             spec={
                 "limits": {
@@ -199,7 +221,9 @@ class SandboxManager:
                 },
                 "timeout": sandbox_timeout,
                 "env": dict(env or {}),
-            },
+            }
+            | ({"pet": dict(pet)} if pet is not None else {}),
+            pool=pool,
         )
         quota = self.store.tenants.find(tenant)
         self.store.insert(
@@ -237,6 +261,8 @@ class SandboxManager:
             check_transition(SandboxState(record.state), SandboxState.DESTROYING, record.id)
             self.store.update(record.id, state=SandboxState.DESTROYING, owner=this_process())
         await asyncio.shield(self._release(record.id))
+        if record.kind == "persistent":
+            self.pets.released(record)
 
     async def _release(self, sandbox_id: str) -> None:
         await self.backend.destroy(sandbox_id)
@@ -281,6 +307,12 @@ class SandboxManager:
 
     def _running(self, sandbox_id: str, tenant: str | None = None) -> SandboxRecord:
         record = self.store.get(sandbox_id, tenant=tenant)
+        if record.pool is not None:
+            raise InvalidStateError(
+                f"sandbox idles in pool '{record.pool}'",
+                sandbox_id=record.id,
+                hint="claim a sandbox from the pool (`corral create --from-pool`)",
+            )
         if record.state != SandboxState.RUNNING:
             raise InvalidStateError(
                 f"sandbox is {record.state}, not running",
@@ -437,7 +469,11 @@ class SandboxManager:
             if record.state == SandboxState.FAILED:
                 continue
             status = await self.backend.status(record.id)
-            if status == BackendStatus.MISSING:
+            if status == BackendStatus.MISSING and record.pool is not None:
+                # An idle pool member nobody holds: drop it; its pool refills.
+                self.store.delete(record.id)
+                report["lost"].append(record.id)
+            elif status == BackendStatus.MISSING:
                 self.store.update(
                     record.id,
                     state=SandboxState.FAILED,

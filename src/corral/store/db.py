@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from corral.errors import ConflictError, NotFoundError, StoreError
+from corral.store.pools import Pools
 from corral.store.schema import HEAD_REVISION, sandboxes, tenants
 from corral.store.tenants import Tenants
 
@@ -118,6 +119,7 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._migrate()
         self.tenants = Tenants(self)
+        self.pools = Pools(self)
 
     @classmethod
     def open(cls, database_url: str | None, state_dir: Path) -> Store:
