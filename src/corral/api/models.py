@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 if TYPE_CHECKING:
     from corral.backends.base import SandboxStats
+    from corral.runtime.pools import PoolStatus
     from corral.store import SandboxRecord
 
 API_PREFIX = "/v1"
@@ -77,6 +78,7 @@ class Sandbox(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     limits: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    pool: str | None = None  # the warm pool it idles in, until claimed
 
     @classmethod
     def from_record(cls, record: SandboxRecord) -> Sandbox:
@@ -96,6 +98,7 @@ class Sandbox(BaseModel):
             metadata=dict(record.metadata),
             limits=dict(record.limits),
             error=record.error,
+            pool=record.pool,
         )
 
 
@@ -185,6 +188,85 @@ class TenantInfo(BaseModel):
     name: str
     quota: Quota
     usage: Usage
+
+
+class PoolCreate(_Body):
+    """A warm pool of `size` sandboxes of a template, kept ready to be claimed."""
+
+    name: Name
+    template: str = Field(default="default", max_length=255)
+    template_spec: dict[str, Any] | None = None
+    size: int = Field(ge=0, le=1000)
+    max_idle: float | None = Field(
+        default=None, gt=0, le=30 * 86400, description="seconds before an idle member is replaced"
+    )
+    runtime: str | None = Field(default=None, max_length=32)
+    memory: Size | None = None
+    cpus: float | None = Field(default=None, gt=0, le=256)
+    pids: int | None = Field(default=None, ge=8, le=1 << 22)
+    disk: Size | None = None
+    cpuset: str | None = Field(default=None, max_length=64)
+    env: dict[Key, Value] = Field(default_factory=dict)
+    labels: dict[Key, Value] = Field(default_factory=dict)
+
+
+class PoolPatch(_Body):
+    size: int = Field(ge=0, le=1000)
+
+
+class PoolInfo(BaseModel):
+    name: str
+    tenant: str
+    template: str
+    backend: str | None
+    runtime: str | None
+    size: int
+    idle: int
+    starting: int
+    max_idle: float | None
+    resources: dict[str, Any] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    created_at: float
+    error: str | None = None
+
+    @classmethod
+    def from_status(cls, status: PoolStatus) -> PoolInfo:
+        pool = status.pool
+        return cls(
+            name=pool.name,
+            tenant=pool.tenant,
+            template=pool.template,
+            backend=pool.backend,
+            runtime=pool.runtime,
+            size=pool.target_size,
+            idle=status.idle,
+            starting=status.starting,
+            max_idle=pool.max_idle_seconds,
+            resources=dict(pool.spec.get("resources", {})),
+            labels=dict(pool.spec.get("labels", {})),
+            created_at=pool.created_at,
+            error=status.error,
+        )
+
+
+class PoolRemoved(BaseModel):
+    destroyed: list[str]
+
+
+class ClaimBody(_Body):
+    """The claimant's settings for the sandbox it gets (the pool fixed the rest)."""
+
+    timeout: float | None = Field(default=None, gt=0, le=30 * 86400)
+    labels: dict[Key, Value] = Field(default_factory=dict)
+    metadata: dict[Key, Any] = Field(default_factory=dict)
+    name: Name | None = None
+
+
+class ClaimResult(BaseModel):
+    sandbox: Sandbox
+    pool: str
+    from_pool: bool = Field(description="false: the pool was empty and it was created cold")
+    seconds: float
 
 
 class Problem(BaseModel):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional, cast
 import typer
 import typer.main
 
-from corral.cli import context_cmds, host_cmds, images_cmds, server_cmds
+from corral.cli import context_cmds, host_cmds, images_cmds, pool_cmds, server_cmds
 from corral.cli._common import STATE, fail, parse_env, parse_labels, print_json, run_async
 from corral.errors import UserError
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from corral.api.models import Sandbox
     from corral.backends.base import ExecEvent
+    from corral.cli.targets import Target
 
 app = typer.Typer(
     name="corral",
@@ -36,6 +37,7 @@ app.command("serve")(server_cmds.serve)
 app.add_typer(server_cmds.tenants_app, name="tenants")
 app.add_typer(server_cmds.keys_app, name="keys")
 app.add_typer(context_cmds.app, name="context")
+app.add_typer(pool_cmds.app, name="pool")
 
 CORRAL_FAILED = 125  # `run`/`exec`: Corral itself failed (the command's codes pass through)
 
@@ -47,6 +49,10 @@ DiskOpt = Annotated[Optional[str], typer.Option(help="Scratch size, e.g. 256M.")
 EnvOpt = Annotated[Optional[list[str]], typer.Option("--env", "-e", help="NAME=VALUE.")]  # noqa: UP045
 LabelOpt = Annotated[Optional[list[str]], typer.Option("--label", "-l", help="KEY=VALUE.")]  # noqa: UP045
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+FromPoolOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--from-pool", help="Claim a ready sandbox from this warm pool."),
+]
 
 
 @app.callback()
@@ -125,6 +131,7 @@ def run(
         list[str] | None, typer.Option(help="Copy LOCAL:/path in before running.")
     ] = None,
     label: LabelOpt = None,
+    from_pool: FromPoolOpt = None,
 ) -> None:
     """Run COMMAND in a fresh sandbox, stream its output, destroy it, exit with its status."""
 
@@ -133,15 +140,19 @@ def run(
         files = [(remote, _read_local(local)) for local, remote in map(_split_put, put or [])]
         target = STATE.target()
         try:
-            sandbox = await target.create(
-                template,
-                memory=memory,
-                cpus=cpus,
-                pids=pids,
-                disk=disk,
-                timeout=timeout,
-                labels=labels,
-            )
+            if from_pool is not None:
+                _pool_fixes(memory=memory, cpus=cpus, pids=pids, disk=disk)
+                sandbox = await _claim(target, from_pool, timeout=timeout, labels=labels)
+            else:
+                sandbox = await target.create(
+                    template,
+                    memory=memory,
+                    cpus=cpus,
+                    pids=pids,
+                    disk=disk,
+                    timeout=timeout,
+                    labels=labels,
+                )
             try:
                 for remote, data in files:
                     await target.put_file(sandbox.id, remote, data)
@@ -170,12 +181,18 @@ def create(
     label: LabelOpt = None,
     name: Annotated[Optional[str], typer.Option(help="A name to use instead of the id.")] = None,  # noqa: UP045
     json_out: JsonOpt = False,
+    from_pool: FromPoolOpt = None,
 ) -> None:
     """Create a sandbox that stays up; prints its id."""
 
     async def go() -> Sandbox:
         target = STATE.target()
         try:
+            if from_pool is not None:
+                _pool_fixes(memory=memory, cpus=cpus, pids=pids, disk=disk, cpuset=cpuset, env=env)
+                return await _claim(
+                    target, from_pool, timeout=timeout, labels=parse_labels(label), name=name
+                )
             return await target.create(
                 template,
                 memory=memory,
@@ -197,6 +214,22 @@ def create(
         print_json(sandbox.model_dump(mode="json"))
     else:
         sys.stdout.write(sandbox.id + "\n")
+
+
+def _pool_fixes(**options: object) -> None:
+    given = sorted(f"--{k}" for k, v in options.items() if v)
+    if given:
+        raise UserError(
+            f"{', '.join(given)}: a pool fixes these for its sandboxes",
+            hint="set them on the pool (`corral pool add`), or leave out --from-pool",
+        )
+
+
+async def _claim(target: Target, pool: str, **options: object) -> Sandbox:
+    result = await target.claim(pool, **options)
+    if not result.from_pool:
+        sys.stderr.write(f"corral: pool '{pool}' had no ready sandbox; created one cold\n")
+    return result.sandbox
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

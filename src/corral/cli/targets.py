@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import abc
 import builtins
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from corral.errors import UserError
+from corral.errors import CorralError, UserError
 
 if TYPE_CHECKING:
-    from corral.api.models import Inspection, Sandbox
+    from corral.api.models import ClaimResult, Inspection, PoolInfo, Sandbox
     from corral.backends.base import ExecEvent
     from corral.client import AsyncCorral
     from corral.runtime.manager import SandboxManager
+    from corral.runtime.pools import PoolManager
 
 
 class Target(abc.ABC):
@@ -64,6 +66,19 @@ class Target(abc.ABC):
             hint="the server reaps and reconciles by itself; run `corral gc` on its host",
         )
 
+    # Warm pools (`corral pool ...`, `create/run --from-pool`).
+    @abc.abstractmethod
+    async def claim(self, pool: str, **options: Any) -> ClaimResult: ...
+
+    @abc.abstractmethod
+    async def add_pool(self, name: str, template: str, size: int, **options: Any) -> PoolInfo: ...
+
+    @abc.abstractmethod
+    async def list_pools(self) -> builtins.list[PoolInfo]: ...
+
+    @abc.abstractmethod
+    async def remove_pool(self, name: str) -> builtins.list[str]: ...
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -76,6 +91,51 @@ class LocalTarget(Target):
     def __init__(self, manager: SandboxManager, runtime: str | None) -> None:
         self.manager = manager
         self.runtime = runtime
+        self._claimed: set[str] = set()  # pools to refill before the command ends
+
+    @property
+    def pools(self) -> PoolManager:
+        from corral.runtime.pools import PoolManager
+
+        return PoolManager(self.manager)
+
+    async def claim(self, pool: str, **options: Any) -> ClaimResult:
+        from corral.api.models import ClaimResult, Sandbox
+
+        claim = await self.pools.claim(pool, **options)
+        self._claimed.add(pool)
+        return ClaimResult(
+            sandbox=Sandbox.from_record(claim.record),
+            pool=pool,
+            from_pool=claim.from_pool,
+            seconds=claim.seconds,
+        )
+
+    async def add_pool(self, name: str, template: str, size: int, **options: Any) -> PoolInfo:
+        from corral.api.models import PoolInfo
+
+        pools = self.pools
+        options.setdefault("runtime", self.runtime)
+        # No server refills here: the members are made now.
+        await pools.add(name, template, size=size, fill=True, **options)
+        return PoolInfo.from_status(pools.get(name))
+
+    async def list_pools(self) -> builtins.list[PoolInfo]:
+        from corral.api.models import PoolInfo
+
+        return [PoolInfo.from_status(status) for status in self.pools.list()]
+
+    async def remove_pool(self, name: str) -> builtins.list[str]:
+        return await self.pools.remove(name)
+
+    async def aclose(self) -> None:
+        # A claim took a member: replace it, as the server's refill loop would.
+        pools = self.pools
+        for name in sorted(self._claimed):
+            with contextlib.suppress(CorralError):
+                status = pools.get(name)
+                await pools.refill_pool(status.pool, pools.store.pools.members("local", name))
+        self._claimed.clear()
 
     async def create(self, template: str, **options: Any) -> Sandbox:
         from corral.api.models import Sandbox
@@ -175,6 +235,29 @@ class RemoteTarget(Target):
 
     async def destroy(self, sandbox: str) -> None:
         await (await self.client.get(sandbox)).kill()
+
+    async def claim(self, pool: str, **options: Any) -> ClaimResult:
+        from corral.api.models import ClaimResult
+
+        fields = {k: v for k, v in options.items() if v is not None}
+        sandbox = await self.client.claim(pool, **fields)
+        assert sandbox.from_pool is not None
+        return ClaimResult(sandbox=sandbox.info, pool=pool, from_pool=sandbox.from_pool, seconds=0)
+
+    async def add_pool(self, name: str, template: str, size: int, **options: Any) -> PoolInfo:
+        if self.runtime is not None:
+            options.setdefault("runtime", self.runtime)
+        fields = {k: v for k, v in options.items() if v is not None}
+        template_ref: str | Path = (
+            Path(template) if Path(template).suffix == ".toml" or "/" in template else template
+        )
+        return await self.client.create_pool(name, template_ref, size=size, **fields)
+
+    async def list_pools(self) -> builtins.list[PoolInfo]:
+        return await self.client.pools()
+
+    async def remove_pool(self, name: str) -> builtins.list[str]:
+        return await self.client.delete_pool(name)
 
     async def aclose(self) -> None:
         await self.client.aclose()

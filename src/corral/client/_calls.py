@@ -251,3 +251,84 @@ def get_archive_call(sandbox_id: str, path: str) -> Call:
         params=(("path", _absolute(path)),),
         sandbox_id=sandbox_id,
     )
+
+
+class ClaimOptions(TypedDict, total=False):
+    """The claimant's settings for a sandbox taken from a pool (`models.ClaimBody`)."""
+
+    timeout: float
+    labels: Mapping[str, str]
+    metadata: Mapping[str, Any]
+    name: str
+
+
+class PoolOptions(TypedDict, total=False):
+    """The optional fields of a new pool (see `corral.api.models.PoolCreate`)."""
+
+    max_idle: float
+    runtime: str
+    memory: str | int
+    cpus: float
+    pids: int
+    disk: str | int
+    cpuset: str
+    env: Mapping[str, str]
+    labels: Mapping[str, str]
+
+
+def _pool_path(name: str, tail: str = "") -> str:
+    return f"{models.API_PREFIX}/pools/{quote(name, safe='')}{tail}"
+
+
+def claim_options(options: Mapping[str, Any]) -> ClaimOptions:
+    """`options` of `sandbox(from_pool=...)`: only what a claimant may set."""
+    fixed = sorted(
+        k for k, v in options.items() if v is not None and k not in ClaimOptions.__annotations__
+    )
+    if fixed:
+        raise UserError(
+            f"{', '.join(fixed)}: the pool fixes these for its sandboxes",
+            hint="a claim sets only timeout, labels, metadata and name",
+        )
+    claim: ClaimOptions = {}
+    for key in ("timeout", "labels", "metadata", "name"):
+        if options.get(key) is not None:
+            claim[key] = options[key]
+    return claim
+
+
+def claim_call(pool: str, options: ClaimOptions) -> Call:
+    body = _validated(models.ClaimBody, dict(options), "claim settings")
+    # An empty pool falls back to a cold create, which may build the image first.
+    return Call("POST", _pool_path(pool, "/claim"), json=body, read_timeout=CREATE_TIMEOUT)
+
+
+def pool_create_call(
+    name: str, template: str | os.PathLike[str], size: int, options: PoolOptions
+) -> Call:
+    fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    fields.update(name=name, size=size)
+    if isinstance(template, os.PathLike) or template.endswith(".toml") or "/" in template:
+        fields["template_spec"] = read_template_file(Path(template))
+        fields["template"] = str(fields["template_spec"].get("name") or Path(template).stem)
+    else:
+        fields["template"] = template
+    body = _validated(models.PoolCreate, fields, "pool settings")
+    return Call("POST", f"{models.API_PREFIX}/pools", json=body, read_timeout=CREATE_TIMEOUT)
+
+
+def pools_call() -> Call:
+    return Call("GET", f"{models.API_PREFIX}/pools")
+
+
+def pool_call(name: str) -> Call:
+    return Call("GET", _pool_path(name))
+
+
+def pool_resize_call(name: str, size: int) -> Call:
+    body = _validated(models.PoolPatch, {"size": size}, "pool size")
+    return Call("PATCH", _pool_path(name), json=body)
+
+
+def pool_delete_call(name: str) -> Call:
+    return Call("DELETE", _pool_path(name))

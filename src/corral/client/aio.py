@@ -20,7 +20,7 @@ from corral.api import models
 from corral.backends.base import ExecEvent, ExecResult, ExitStatus, SandboxStats
 from corral.client import _archive, _base, _calls, _ws
 from corral.client._base import DEFAULT_TIMEOUT, BaseClient, Call
-from corral.client._calls import SandboxOptions
+from corral.client._calls import ClaimOptions, PoolOptions, SandboxOptions
 from corral.client._events import NdjsonDecoder, ResultCollector, stream_cut
 from corral.errors import CorralError, InvalidStateError, NotFoundError
 
@@ -72,10 +72,55 @@ class AsyncCorral(BaseClient):
         return AsyncSandbox(self, _base.parse(call, await self._send(call), models.Sandbox))
 
     def sandbox(
-        self, template: str | os.PathLike[str] = "default", **options: Unpack[SandboxOptions]
+        self,
+        template: str | os.PathLike[str] = "default",
+        *,
+        from_pool: str | None = None,
+        **options: Unpack[SandboxOptions],
     ) -> _Creating:
-        """`create` for `async with c.sandbox(...) as sb:` (destroyed on the way out)."""
+        """`create` for `async with c.sandbox(...) as sb:` (destroyed on the way out);
+        with `from_pool`, `claim`."""
+        if from_pool is not None:
+            return _Creating(self, template, options, _calls.claim_options(options), from_pool)
         return _Creating(self, template, options)
+
+    async def claim(self, pool: str, **options: Unpack[ClaimOptions]) -> AsyncSandbox:
+        """A running sandbox from warm pool `pool`, or created cold when the pool is
+        empty (`AsyncSandbox.from_pool` says which); it is yours until destroyed."""
+        call = _calls.claim_call(pool, options)
+        result = _base.parse(call, await self._send(call), models.ClaimResult)
+        sandbox = AsyncSandbox(self, result.sandbox)
+        sandbox.from_pool = result.from_pool
+        return sandbox
+
+    async def create_pool(
+        self,
+        name: str,
+        template: str | os.PathLike[str] = "default",
+        *,
+        size: int,
+        **options: Unpack[PoolOptions],
+    ) -> models.PoolInfo:
+        """Keep `size` sandboxes of `template` ready to claim (made in the background)."""
+        call = _calls.pool_create_call(name, template, size, options)
+        return _base.parse(call, await self._send(call), models.PoolInfo)
+
+    async def pools(self) -> builtins.list[models.PoolInfo]:
+        call = _calls.pools_call()
+        return _base.parse_list(call, await self._send(call), models.PoolInfo)
+
+    async def pool(self, name: str) -> models.PoolInfo:
+        call = _calls.pool_call(name)
+        return _base.parse(call, await self._send(call), models.PoolInfo)
+
+    async def resize_pool(self, name: str, size: int) -> models.PoolInfo:
+        call = _calls.pool_resize_call(name, size)
+        return _base.parse(call, await self._send(call), models.PoolInfo)
+
+    async def delete_pool(self, name: str) -> builtins.list[str]:
+        """Delete the pool; the ids of the idle members destroyed with it."""
+        call = _calls.pool_delete_call(name)
+        return _base.parse(call, await self._send(call), models.PoolRemoved).destroyed
 
     async def get(self, sandbox_id: str) -> AsyncSandbox:
         """A handle on an existing sandbox, by id or name."""
@@ -154,18 +199,30 @@ class _Creating:
     """What `AsyncCorral.sandbox()` returns: awaitable, or an async context manager."""
 
     def __init__(
-        self, client: AsyncCorral, template: str | os.PathLike[str], options: SandboxOptions
+        self,
+        client: AsyncCorral,
+        template: str | os.PathLike[str],
+        options: SandboxOptions,
+        claim: ClaimOptions | None = None,
+        pool: str | None = None,
     ) -> None:
         self._client = client
         self._template = template
         self._options = options
+        self._claim = claim
+        self._pool = pool
         self._sandbox: AsyncSandbox | None = None
 
+    async def _make(self) -> AsyncSandbox:
+        if self._pool is not None:
+            return await self._client.claim(self._pool, **(self._claim or {}))
+        return await self._client.create(self._template, **self._options)
+
     def __await__(self) -> Generator[Any, None, AsyncSandbox]:
-        return self._client.create(self._template, **self._options).__await__()
+        return self._make().__await__()
 
     async def __aenter__(self) -> AsyncSandbox:
-        self._sandbox = await self._client.create(self._template, **self._options)
+        self._sandbox = await self._make()
         return self._sandbox
 
     async def __aexit__(
@@ -182,6 +239,7 @@ class AsyncSandbox:
         self._client = client
         self.info = info
         self.files = AsyncFiles(self)
+        self.from_pool: bool | None = None  # set by a claim: False if created cold
 
     @property
     def id(self) -> str:

@@ -20,7 +20,7 @@ from corral.api import models
 from corral.backends.base import ExecEvent, ExecResult, ExitStatus, SandboxStats
 from corral.client import _archive, _base, _calls, _ws
 from corral.client._base import DEFAULT_TIMEOUT, BaseClient, Call
-from corral.client._calls import SandboxOptions
+from corral.client._calls import ClaimOptions, PoolOptions, SandboxOptions
 from corral.client._events import NdjsonDecoder, ResultCollector, stream_cut
 from corral.errors import CorralError, NotFoundError
 
@@ -77,10 +77,54 @@ class Corral(BaseClient):
         return Sandbox(self, _base.parse(call, self._send(call), models.Sandbox))
 
     def sandbox(
-        self, template: str | os.PathLike[str] = "default", **options: Unpack[SandboxOptions]
+        self,
+        template: str | os.PathLike[str] = "default",
+        *,
+        from_pool: str | None = None,
+        **options: Unpack[SandboxOptions],
     ) -> Sandbox:
-        """`create`, named for `with c.sandbox(...) as sb:`."""
+        """`create`, named for `with c.sandbox(...) as sb:`; with `from_pool`, `claim`."""
+        if from_pool is not None:
+            return self.claim(from_pool, **_calls.claim_options(options))
         return self.create(template, **options)
+
+    def claim(self, pool: str, **options: Unpack[ClaimOptions]) -> Sandbox:
+        """A running sandbox from warm pool `pool`, or created cold when the pool is
+        empty (`Sandbox.from_pool` says which); it is yours until destroyed."""
+        call = _calls.claim_call(pool, options)
+        result = _base.parse(call, self._send(call), models.ClaimResult)
+        sandbox = Sandbox(self, result.sandbox)
+        sandbox.from_pool = result.from_pool
+        return sandbox
+
+    def create_pool(
+        self,
+        name: str,
+        template: str | os.PathLike[str] = "default",
+        *,
+        size: int,
+        **options: Unpack[PoolOptions],
+    ) -> models.PoolInfo:
+        """Keep `size` sandboxes of `template` ready to claim (made in the background)."""
+        call = _calls.pool_create_call(name, template, size, options)
+        return _base.parse(call, self._send(call), models.PoolInfo)
+
+    def pools(self) -> builtins.list[models.PoolInfo]:
+        call = _calls.pools_call()
+        return _base.parse_list(call, self._send(call), models.PoolInfo)
+
+    def pool(self, name: str) -> models.PoolInfo:
+        call = _calls.pool_call(name)
+        return _base.parse(call, self._send(call), models.PoolInfo)
+
+    def resize_pool(self, name: str, size: int) -> models.PoolInfo:
+        call = _calls.pool_resize_call(name, size)
+        return _base.parse(call, self._send(call), models.PoolInfo)
+
+    def delete_pool(self, name: str) -> builtins.list[str]:
+        """Delete the pool; the ids of the idle members destroyed with it."""
+        call = _calls.pool_delete_call(name)
+        return _base.parse(call, self._send(call), models.PoolRemoved).destroyed
 
     def get(self, sandbox_id: str) -> Sandbox:
         """A handle on an existing sandbox, by id or name."""
@@ -166,6 +210,7 @@ class Sandbox:
         self._client = client
         self.info = info
         self.files = Files(self)
+        self.from_pool: bool | None = None  # set by a claim: False if created cold
 
     @property
     def id(self) -> str:

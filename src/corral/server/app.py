@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from corral.api.problems import PROBLEM_MEDIA_TYPE, VALIDATION_TYPE, problem_typ
 from corral.config import Settings
 from corral.errors import CorralError
 from corral.runtime.manager import SandboxManager
+from corral.runtime.pools import PoolManager
 from corral.runtime.reaper import Reaper
 from corral.store import Store
 
@@ -40,6 +42,11 @@ class ServerRuntime:
     def store(self) -> Store:
         return self.manager.store
 
+    @functools.cached_property
+    def pools(self) -> PoolManager:
+        """Warm pools over this runtime's manager (refilled while the server runs)."""
+        return PoolManager(self.manager, interval=self.settings.server.reap_interval)
+
     @classmethod
     def from_settings(cls, settings: Settings) -> ServerRuntime:
         return cls(SandboxManager.from_settings(settings), settings)
@@ -50,12 +57,14 @@ class ServerRuntime:
         log.info("reconciled: %s", {k: len(v) for k, v in self.reconciled.items()})
         self.reaper = Reaper(self.manager, self.settings.server.reap_interval)
         self.reaper.start()
+        self.pools.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
         if self.reaper is not None:
             await self.reaper.stop()
+        await self.pools.stop()
         await self.manager.backend.aclose()
 
 
@@ -84,7 +93,8 @@ def create_app(runtime: ServerRuntime, *, manage_lifecycle: bool = True) -> Fast
             if manage_lifecycle:
                 await runtime.stop()
 
-    from corral.server.routes import commands, files, sandboxes, system
+    from corral.server.metrics import Metrics
+    from corral.server.routes import commands, files, pools, sandboxes, system
 
     app = FastAPI(
         title="Corral",
@@ -100,6 +110,9 @@ def create_app(runtime: ServerRuntime, *, manage_lifecycle: bool = True) -> Fast
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     for router in (system.router, sandboxes.router, commands.router, files.router):
         app.include_router(router, prefix=API_PREFIX)
+    app.include_router(pools.router, prefix=API_PREFIX)
+    app.include_router(pools.metrics_router)
+    app.state.metrics = Metrics(runtime.pools)
 
     @app.exception_handler(CorralError)
     async def corral_error(_request: Request, error: CorralError) -> JSONResponse:
