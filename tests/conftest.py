@@ -34,6 +34,8 @@ RUNTIMES = ("crun", "runc", "runsc")
 PODMAN_HARNESSES = tuple(f"podman/{runtime}" for runtime in RUNTIMES)
 # Test modules whose `harness` also runs on podman (the others stay on the oci backend).
 PODMAN_SUITES = ("tests.test_conformance", "tests.test_hostile")
+# Test modules whose `harness` also runs on the microvm backend (QEMU; select with -k microvm).
+MICROVM_SUITES = ("tests.test_conformance",)
 TEST_LABEL = {"corral.test": "1"}
 
 
@@ -203,6 +205,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "harness" in metafunc.fixturenames and not _parametrizes_harness(metafunc):
         podman = metafunc.module.__name__ in PODMAN_SUITES
         params = [*RUNTIMES, *PODMAN_HARNESSES] if podman else list(RUNTIMES)
+        if metafunc.module.__name__ in MICROVM_SUITES:
+            params.append("microvm")
         metafunc.parametrize("harness", params, indirect=True)
 
 
@@ -225,6 +229,10 @@ async def harness(
     """A real backend on each real runtime: oci/<runtime> ("crun", "runc", "runsc") and,
     for PODMAN_SUITES, podman/<runtime>. Every sandbox is destroyed afterwards."""
     require_root()
+    if request.param == "microvm":
+        async for h in _microvm_harness(state_root, default_image):
+            yield h
+        return
     backend_name, _, runtime = str(request.param).rpartition("/")
     require_binary(runtime)
     require_binary("catatonit")
@@ -236,6 +244,19 @@ async def harness(
         backend = OciBackend(state_root, runtime=runtime)
     h = Harness(
         backend, default_image.to_ref(), tuple(default_image.host_mounts), runtime, [], state_root
+    )
+    yield h
+    for sandbox_id in h.created:
+        await backend.destroy(sandbox_id)
+
+
+async def _microvm_harness(state_root: Path, default_image: Any) -> AsyncIterator[Harness]:
+    from corral.backends.microvm import MicrovmBackend
+
+    require_binary("qemu-system-x86_64")
+    backend = MicrovmBackend(state_root)
+    h = Harness(
+        backend, default_image.to_ref(), tuple(default_image.host_mounts), None, [], state_root
     )
     yield h
     for sandbox_id in h.created:

@@ -8,7 +8,7 @@ from corral.backends.base import Backend
 from corral.config import Settings
 from corral.errors import BackendUnavailableError
 
-BUILTIN = ("oci", "podman", "fake")
+BUILTIN = ("oci", "podman", "microvm", "fake")
 
 
 def available_backends() -> list[str]:
@@ -28,6 +28,16 @@ def load_backend(settings: Settings, name: str | None = None) -> Backend:
         from corral.backends.podman import PodmanBackend
 
         return PodmanBackend(settings.state_dir, runtime=settings.podman.runtime)
+    if name == "microvm":
+        try:
+            from corral.backends.microvm.backend import MicrovmBackend
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"the microvm backend cannot be imported ({exc})",
+                backend=name,
+                hint="install its extra: pip install 'corral[microvm]' (qemu.qmp)",
+            ) from exc
+        return MicrovmBackend(settings.state_dir)
     if name == "fake":
         from corral.backends.fake import FakeBackend
 
