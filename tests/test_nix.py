@@ -438,7 +438,10 @@ def test_python_refuses_a_float_size(tmp_path: Path) -> None:
 
 def test_image_key_matches_python(nix_env: dict[str, str], tmp_path: Path) -> None:
     paths = [BUILTIN_DIR / f"{name}.toml" for name in BUILTIN_TEMPLATES]
-    for key in ("files-out-of-order", "duplicate-packages", "mounts", "env-order"):
+    for key in (
+        *("files-out-of-order", "duplicate-packages", "mounts", "env-order"),
+        *("pet-service", "service-exec-health"),
+    ):
         paths.append(tmp_path / f"{key}.toml")
         paths[-1].write_text(VALID[key])
     unicode = tmp_path / "unicode.toml"

@@ -28,15 +28,18 @@ let
   imageKey =
     t:
     let
-      blob = toJSON (removeAttrs t [
+      blob = toJSON (
+        removeAttrs t [
           "name"
           "description"
           "resources"
           "timeout"
           "kind"
-          "volume"
           "service"
-        ]);
+          "volume"
+        ]
+        // (if t.volume == null then { } else { volume_path = t.volume.path; })
+      );
       comparable = match "[ -~]*" blob != null && match ".*\\\\u000[8c].*" blob == null;
     in
     if comparable then hashString "sha256" blob else null;

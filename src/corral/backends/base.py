@@ -80,10 +80,13 @@ class ImageRef:
 
 @dataclass(frozen=True, slots=True)
 class HostMount:
-    """A host path bound read-only at `target` inside the sandbox."""
+    """A host path bound at `target` inside the sandbox: read-only, unless `writable`
+    (a pet's volume), when the backend also hands the directory's root to the
+    sandbox user (as the host sees that user)."""
 
     source: Path
     target: str
+    writable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +294,12 @@ class Backend(abc.ABC):
         """Bring a snapshotted sandbox back RUNNING from `source` (Capability.SNAPSHOT):
         its processes go on where they were, its files are as they were."""
         raise UnsupportedError(f"{self.name} cannot restore sandboxes", backend=self.name)
+
+    async def set_cpuset(self, sandbox_id: str, cpuset: str) -> None:
+        """Pin the running sandbox to host CPUs `cpuset` (e.g. "2,3") without
+        restarting it (Capability.CPUSET): after it returns, its processes run only
+        there; on failure its pinning is unchanged."""
+        raise UnsupportedError(f"{self.name} cannot re-pin running sandboxes", backend=self.name)
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release backend-wide resources (connections); sandboxes keep running."""

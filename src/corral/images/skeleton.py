@@ -58,6 +58,8 @@ def write_skeleton(rootfs: Path, template: Template) -> None:
         # Under base host a target in /usr must already exist in the host's /usr.
         if not (bound_usr and _under(mount.target, "/usr")):
             _make_dir(rootfs, mount.target, 0o755)
+    if template.volume is not None:  # a pet's volume is bound here
+        _make_dir(rootfs, template.volume.path, 0o755)
 
     root_entries = ("root:x:0:0:root:/root:/bin/sh", "root:x:0:")
     user_entries = (

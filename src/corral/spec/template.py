@@ -271,10 +271,14 @@ class Template(_Strict):
 
     def image_key(self) -> str:
         """sha256 over what determines the image (everything but name, description,
-        resources, timeout, kind, volume and service, which only shape sandboxes)."""
+        resources, timeout, kind, service and the volume's size, which only shape
+        sandboxes; a volume's path counts: its mount point is made in the image)."""
         data = self.normalized()
-        for key in ("name", "description", "resources", "timeout", "kind", "volume", "service"):
+        for key in ("name", "description", "resources", "timeout", "kind", "service"):
             data.pop(key)
+        volume = data.pop("volume")
+        if volume is not None:  # only its mount point; without one, earlier keys hold
+            data["volume_path"] = volume["path"]
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +29,7 @@ from corral.backends.base import (
     Capability,
     ExecEvent,
     ExecRequest,
+    Output,
     SandboxConfig,
     SandboxStats,
 )
@@ -41,6 +42,7 @@ from corral.backends.oci.execution import (
     runtime_exec,
 )
 from corral.backends.oci.runtimes import RUNTIMES, OciRuntime, get_runtime
+from corral.backends.oci.standby import Standby, command_line, start_standby
 from corral.backends.sandbox_dir import (
     claim_dir,
     make_scratch,
@@ -53,6 +55,7 @@ from corral.errors import (
     ExecError,
     NotFoundError,
     SandboxStartError,
+    UnsupportedError,
 )
 
 CONTAINER_PREFIX = "corral-"
@@ -88,6 +91,8 @@ class OciBackend(Backend):
         # never touches another's sandboxes on the same host.
         instance = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
         self.cgroup_parent = f"{CGROUP_PARENT}/{instance}"
+        # Primed warm-pool members: a standby shell each, for a fast first command.
+        self._standbys: dict[str, Standby] = {}
 
     # -- paths and records -------------------------------------------------
 
@@ -145,6 +150,9 @@ class OciBackend(Backend):
         scratch = make_scratch(
             sandbox_dir, size=config.limits.disk, uid=image.uid + shift, gid=image.gid + shift
         )
+        for mount in config.mounts:
+            if mount.writable:
+                os.chown(mount.source, image.uid + shift, image.gid + shift)
         container = CONTAINER_PREFIX + config.sandbox_id
         cgroup = f"{self.cgroup_parent}/{config.sandbox_id}"
         spec = make_config(
@@ -191,6 +199,9 @@ class OciBackend(Backend):
             )
 
     async def destroy(self, sandbox_id: str) -> None:
+        standby = self._standbys.pop(sandbox_id, None)
+        if standby is not None:
+            await standby.close()
         sandbox_dir = self._dir(sandbox_id)
         try:
             meta: _Meta | None = self._meta(sandbox_id)
@@ -261,6 +272,25 @@ class OciBackend(Backend):
     async def resume(self, sandbox_id: str) -> None:
         await self._simple(sandbox_id, "resume")
 
+    async def set_cpuset(self, sandbox_id: str, cpuset: str) -> None:
+        meta = self._meta(sandbox_id)
+        runtime = get_runtime(meta.runtime)
+        if not runtime.in_kernel:
+            raise UnsupportedError(
+                f"{runtime.name} cannot re-pin a running sandbox", backend=self.name
+            )
+        argv = runtime.command(
+            self._root(runtime), "update", "--cpuset-cpus", cpuset, meta.container
+        )
+        rc, _, err = await _run(argv)
+        if rc != 0:
+            raise ExecError(
+                f"{runtime.name} update --cpuset-cpus failed (exit {rc})",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                stderr_tail=err.decode(errors="replace")[-500:],
+            )
+
     async def _simple(self, sandbox_id: str, verb: str) -> None:
         meta = self._meta(sandbox_id)
         runtime = get_runtime(meta.runtime)
@@ -274,6 +304,41 @@ class OciBackend(Backend):
             )
 
     # -- exec ----------------------------------------------------------------
+
+    async def prime(self, sandbox_id: str) -> None:
+        """Start a standby shell in the sandbox so that its next command skips
+        `<runtime> exec` (see `standby.py`); crun and runc only. Warm pools call it."""
+        meta = self._meta(sandbox_id)
+        runtime = get_runtime(meta.runtime)
+        if not runtime.in_kernel or sandbox_id in self._standbys:
+            return
+        target = ExecTarget(
+            runtime, self._root(runtime), meta.container, meta.cgroup, self._dir(sandbox_id)
+        )
+        token = uuid.uuid4().hex[:12]
+        request = ExecRequest(["/bin/sh"])
+        self._standbys[sandbox_id] = await start_standby(
+            target, _process_spec(meta, request, token), token
+        )
+
+    async def aclose(self) -> None:
+        standbys, self._standbys = list(self._standbys.values()), {}
+        for standby in standbys:
+            await standby.close()
+
+    def _standby_exec(
+        self, sandbox_id: str, request: ExecRequest
+    ) -> AsyncGenerator[Output | Finished, None] | None:
+        """The command through the sandbox's standby, if it has a live one that can
+        carry `request` (else None: the ordinary exec)."""
+        standby = self._standbys.get(sandbox_id)
+        line = None if standby is None else command_line(request)
+        if standby is None or line is None:
+            return None
+        del self._standbys[sandbox_id]
+        if not standby.alive:
+            return None
+        return standby.run(line, request)
 
     async def exec_stream(self, sandbox_id: str, request: ExecRequest) -> AsyncIterator[ExecEvent]:
         meta = self._meta(sandbox_id)
@@ -292,7 +357,10 @@ class OciBackend(Backend):
         oom_before = cgroups.oom_kills(meta.cgroup)
         process = _process_spec(meta, request, token)
         end: Finished | None = None
-        async with contextlib.aclosing(runtime_exec(target, process, request, token)) as events:
+        stream = self._standby_exec(sandbox_id, request) or runtime_exec(
+            target, process, request, token
+        )
+        async with contextlib.aclosing(stream) as events:
             async for event in events:
                 if isinstance(event, Finished):
                     end = event

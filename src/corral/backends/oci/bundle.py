@@ -231,7 +231,7 @@ def make_config(
                 "destination": mount.target,
                 "type": "bind",
                 "source": str(mount.source),
-                "options": ["rbind", "ro", "nosuid", "nodev"],
+                "options": ["rbind", "rw" if mount.writable else "ro", "nosuid", "nodev"],
             }
         )
 

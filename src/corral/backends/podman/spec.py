@@ -62,7 +62,10 @@ def container_spec(
     mounts = [_bind(support_dir, SANDBOX_INIT.rsplit("/", 1)[0], "ro")]
     for sub, target in (("tmp", "/tmp"), ("home", image.home), ("work", image.workdir)):
         mounts.append(_bind(scratch / sub, target, "rw"))
-    mounts += [_bind(mount.source, mount.target, "ro") for mount in config.mounts]
+    mounts += [
+        _bind(mount.source, mount.target, "rw" if mount.writable else "ro")
+        for mount in config.mounts
+    ]
     quota_period = 100_000
     cpu: dict[str, Any] = {"quota": int(limits.vcpus * quota_period), "period": quota_period}
     if limits.cpuset:
