@@ -19,6 +19,7 @@ import pytest
 from corral.backends.base import Capability, ExecRequest
 from corral.backends.podman import PodmanBackend
 from corral.backends.podman.spec import SLIRP_HOST
+from corral.errors import UnsupportedError
 from tests.conftest import RUNTIMES, Harness, require_binary, require_root
 
 pytestmark = pytest.mark.runtime
@@ -119,3 +120,13 @@ async def test_host_loopback_is_closed_unless_allowed(
         for sandbox_id in h.created:
             await backend.destroy(sandbox_id)
         await backend.aclose()
+
+
+@pytest.mark.parametrize("net", ["runsc"], indirect=True)  # crun/runc: test_podman.py
+async def test_gvisor_egress_sandbox_refuses_snapshots(net: Harness, tmp_path: Path) -> None:
+    assert isinstance(net.backend, PodmanBackend)
+    sid = await net.sandbox(network="egress")
+    with pytest.raises(UnsupportedError, match="egress sandbox"):
+        await net.backend.snapshot(sid, tmp_path / "snap")
+    assert not (tmp_path / "snap").exists()
+    assert (await net.backend.exec(sid, ExecRequest(["true"]))).ok

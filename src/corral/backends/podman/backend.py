@@ -280,8 +280,9 @@ class PodmanBackend(Backend):
         except BackendUnavailableError:
             pass
         # The API is unusable: the CLI still removes it (also a Created one a failed
-        # start left, holding its name).
-        await self.podman.run("rm", "--force", "--time", "0", "--volumes", container)
+        # start left, holding its name). No podman at all: the rest is released anyway.
+        with contextlib.suppress(BackendUnavailableError, OSError):
+            await self.podman.run("rm", "--force", "--time", "0", "--volumes", container)
 
     async def status(self, sandbox_id: str) -> BackendStatus:
         sandbox_dir = self._dir(sandbox_id)
@@ -477,6 +478,14 @@ class PodmanBackend(Backend):
                 sandbox_id=sandbox_id,
                 backend=self.name,
                 hint="create the sandbox with runtime='runsc' (gVisor checkpoints itself)",
+            )
+        if meta.podman_runtime == RUNSC_EGRESS:
+            raise UnsupportedError(
+                "snapshots of an egress sandbox are not supported under gVisor: it uses"
+                " the host's network stack (in its own namespace), which runsc cannot save",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                hint="snapshot sandboxes with network='none'",
             )
         return runtime
 
