@@ -420,6 +420,7 @@ async def destroy_sandboxes(state_dir: Path, sandbox_ids: set[str]) -> None:
         if podman.podman.storage_conf.exists():  # podman's part first: its container
             await podman.destroy(sandbox_id)
         await backend.destroy(sandbox_id)
+    await podman.aclose()  # an API service the sweep started
 
 
 def delete_podman_raw(state_dir: Path) -> list[str]:

@@ -201,6 +201,10 @@ def test_doctor_reports_podman_through_corrals_config(state_root: Path) -> None:
     storage = checks["podman-storage"]
     assert (storage.status, storage.detail) == ("ok", f"overlay at {state_root / 'podman/storage'}")
     assert checks["podman-cgroups"] == Check("podman-cgroups", "ok", "cgroup manager cgroupfs")
+    api = checks["podman-api"]
+    assert api.status == "ok", api
+    assert api.detail.startswith("the API service answers"), api
+    assert not (state_root / "podman" / "api").exists(), "the probe's service is the doctor's own"
     for runtime in ("crun", "runc", "runsc"):
         check = checks[f"podman/{runtime}"]
         assert check.status == "ok", check

@@ -13,6 +13,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -316,8 +317,56 @@ def _check_podman(
             else f"Corral's {podman.containers_conf} asks for cgroupfs",
         )
     )
+    checks.append(_check_podman_api(podman, binary, environ))
     checks += [_check_podman_runtime(podman, binary, environ, name) for name in runtimes]
     return checks
+
+
+def _check_podman_api(podman: Podman, binary: Path, environ: Mapping[str, str]) -> Check:
+    """Podman's REST API service, which the backend drives, answers on a unix socket."""
+    import httpx
+
+    env = {
+        **environ,
+        "CONTAINERS_CONF": str(podman.containers_conf),
+        "CONTAINERS_STORAGE_CONF": str(podman.storage_conf),
+    }
+    scratch = Path(tempfile.mkdtemp(prefix="doctor-api-", dir=podman.home))
+    socket = scratch / "api.sock"
+    started = time.monotonic()
+    service = subprocess.Popen(
+        [str(binary), "system", "service", "--time=5", f"unix://{socket}"],
+        env=env,
+        cwd=podman.home,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    answered = False
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), timeout=2) as client:
+            while service.poll() is None and time.monotonic() - started < 15:
+                try:
+                    answered = client.get("http://podman/_ping").status_code == 200
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.02)
+        elapsed = time.monotonic() - started
+    finally:
+        service.terminate()
+        try:
+            _, err = service.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            _, err = service.communicate()
+        shutil.rmtree(scratch, ignore_errors=True)
+    if answered:
+        return Check(
+            "podman-api", "ok", f"the API service answers ({elapsed * 1000:.0f} ms to start)"
+        )
+    tail = err.decode(errors="replace").strip()[-300:]
+    fix = f"CONTAINERS_CONF={podman.containers_conf} podman system service --time=5 unix:///tmp/x.sock"
+    return Check("podman-api", "fail", f"the API service did not answer: {tail}", fix)
 
 
 def _check_podman_runtime(
