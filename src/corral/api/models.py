@@ -79,6 +79,8 @@ class Sandbox(BaseModel):
     limits: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
     pool: str | None = None  # the warm pool it idles in, until claimed
+    restarts: int = 0  # pets: restarts by the restart policy
+    pet: dict[str, Any] | None = None  # pets: restart policy, volume, service
 
     @classmethod
     def from_record(cls, record: SandboxRecord) -> Sandbox:
@@ -99,7 +101,35 @@ class Sandbox(BaseModel):
             limits=dict(record.limits),
             error=record.error,
             pool=record.pool,
+            restarts=record.restarts,
+            pet=_pet_facts(record),
         )
+
+
+def _pet_facts(record: SandboxRecord) -> dict[str, Any] | None:
+    pet = record.spec.get("pet")
+    if pet is None:
+        return None
+    return {k: v for k, v in pet.items() if k != "template"}
+
+
+class PetCreate(SandboxCreate):
+    """A pet: a sandbox with a stable name, a persistent volume (`volume` bytes, or
+    the template's [volume]), a restart policy and CPUs of its own; the template's
+    [service], if any, runs as its main process."""
+
+    name: Name
+    volume: Size | None = None
+    restart: Literal["always", "on-failure"] | None = None
+
+
+class Promotion(_Body):
+    """Make a running ephemeral sandbox a pet named `name`; with `volume` it is
+    re-created with a volume (its workdir and home carried over)."""
+
+    name: Name
+    volume: Size | None = None
+    restart: Literal["always", "on-failure"] | None = None
 
 
 class ExecBody(_Body):

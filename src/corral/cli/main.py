@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional, cast
 import typer
 import typer.main
 
-from corral.cli import context_cmds, host_cmds, images_cmds, pool_cmds, server_cmds
+from corral.cli import context_cmds, host_cmds, images_cmds, pet_cmds, pool_cmds, server_cmds
 from corral.cli._common import STATE, fail, parse_env, parse_labels, print_json, run_async
 from corral.errors import UserError
 
@@ -38,6 +38,10 @@ app.add_typer(server_cmds.tenants_app, name="tenants")
 app.add_typer(server_cmds.keys_app, name="keys")
 app.add_typer(context_cmds.app, name="context")
 app.add_typer(pool_cmds.app, name="pool")
+app.add_typer(pet_cmds.service_app, name="service")
+app.add_typer(pet_cmds.volume_app, name="volume")
+app.command("promote")(pet_cmds.promote)
+app.command("logs")(pet_cmds.logs)
 
 CORRAL_FAILED = 125  # `run`/`exec`: Corral itself failed (the command's codes pass through)
 

@@ -332,3 +332,58 @@ def pool_resize_call(name: str, size: int) -> Call:
 
 def pool_delete_call(name: str) -> Call:
     return Call("DELETE", _pool_path(name))
+
+
+# -- pets ---------------------------------------------------------------------
+
+
+def pet_create_call(
+    template: str | os.PathLike[str],
+    *,
+    volume: str | int | None,
+    restart: str | None,
+    options: SandboxOptions,
+) -> Call:
+    """Like `create_call`, for a pet (POST /v1/pets); `options` must name it."""
+    if not options.get("name"):
+        raise UserError("a pet needs a name", hint="pass name=... (unique among your sandboxes)")
+    fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    fields.update({k: v for k, v in (("volume", volume), ("restart", restart)) if v is not None})
+    if isinstance(template, os.PathLike) or template.endswith(".toml") or "/" in template:
+        fields["template_spec"] = read_template_file(Path(template))
+        fields["template"] = str(fields["template_spec"].get("name") or Path(template).stem)
+    else:
+        fields["template"] = template
+    body = _validated(models.PetCreate, fields, "pet settings")
+    return Call("POST", f"{models.API_PREFIX}/pets", json=body, read_timeout=CREATE_TIMEOUT)
+
+
+def promote_call(sandbox_id: str, name: str, volume: str | int | None, restart: str | None) -> Call:
+    fields = {"name": name, "volume": volume, "restart": restart}
+    body = _validated(
+        models.Promotion, {k: v for k, v in fields.items() if v is not None}, "promotion"
+    )
+    return Call(
+        "POST",
+        _sandbox_path(sandbox_id, "/promote"),
+        json=body,
+        read_timeout=CREATE_TIMEOUT,
+        sandbox_id=sandbox_id,
+    )
+
+
+def logs_call(sandbox_id: str, *, follow: bool, tail: int | None) -> Call:
+    params: list[tuple[str, str]] = [("follow", "true" if follow else "false")]
+    if tail is not None:
+        params.append(("tail", str(tail)))
+    return Call(
+        "GET",
+        _sandbox_path(sandbox_id, "/logs"),
+        params=tuple(params),
+        read_timeout=None if follow else "client",
+        sandbox_id=sandbox_id,
+    )
+
+
+def volume_delete_call(name: str) -> Call:
+    return Call("DELETE", f"{models.API_PREFIX}/volumes/{quote(name, safe='')}")

@@ -84,6 +84,22 @@ class AsyncCorral(BaseClient):
             return _Creating(self, template, options, _calls.claim_options(options), from_pool)
         return _Creating(self, template, options)
 
+    async def create_pet(
+        self,
+        template: str | os.PathLike[str] = "default",
+        *,
+        volume: str | int | None = None,
+        restart: str | None = None,
+        **options: Unpack[SandboxOptions],
+    ) -> AsyncSandbox:
+        """Create a pet (see `Corral.create_pet`)."""
+        call = _calls.pet_create_call(template, volume=volume, restart=restart, options=options)
+        return AsyncSandbox(self, _base.parse(call, await self._send(call), models.Sandbox))
+
+    async def remove_volume(self, name: str) -> None:
+        """Delete the kept volume of a destroyed pet `name`, with its data."""
+        await self._send(_calls.volume_delete_call(name))
+
     async def claim(self, pool: str, **options: Unpack[ClaimOptions]) -> AsyncSandbox:
         """A running sandbox from warm pool `pool`, or created cold when the pool is
         empty (`AsyncSandbox.from_pool` says which); it is yours until destroyed."""
@@ -174,6 +190,20 @@ class AsyncCorral(BaseClient):
             )
         self._check(call, response)
         return response
+
+    async def _chunks(self, call: Call) -> AsyncGenerator[bytes, None]:
+        """A streamed response body, chunk by chunk (a pet's log)."""
+        if self._http.is_closed:
+            raise self._closed(call)
+        with self._transport_errors(call):
+            async with self._http.stream(
+                call.method, call.path, params=call.params, timeout=self._timeout_for(call)
+            ) as response:
+                if not response.is_success:
+                    await response.aread()
+                    self._check(call, response)
+                async for chunk in response.aiter_bytes():
+                    yield chunk
 
     async def _events(self, call: Call) -> AsyncGenerator[ExecEvent, None]:
         if self._http.is_closed:
@@ -339,6 +369,16 @@ class AsyncSandbox:
 
     async def resume(self) -> models.Sandbox:
         return await self._apply(_calls.resume_call(self.id))
+
+    async def promote(
+        self, name: str, *, volume: str | int | None = None, restart: str | None = None
+    ) -> models.Sandbox:
+        """Make this running sandbox a pet named `name` (see `Sandbox.promote`)."""
+        return await self._apply(_calls.promote_call(self.id, name, volume, restart))
+
+    def logs(self, *, follow: bool = False, tail: int | None = None) -> AsyncIterator[bytes]:
+        """A pet's log; with `follow`, what comes next too (see `Sandbox.logs`)."""
+        return self._client._chunks(_calls.logs_call(self.id, follow=follow, tail=tail))
 
     async def kill(self) -> bool:
         """Destroy the sandbox; False when it was already gone."""

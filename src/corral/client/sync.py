@@ -88,6 +88,24 @@ class Corral(BaseClient):
             return self.claim(from_pool, **_calls.claim_options(options))
         return self.create(template, **options)
 
+    def create_pet(
+        self,
+        template: str | os.PathLike[str] = "default",
+        *,
+        volume: str | int | None = None,
+        restart: str | None = None,
+        **options: Unpack[SandboxOptions],
+    ) -> Sandbox:
+        """Create a pet: a persistent sandbox named `name` (required) with a volume (`volume`
+        bytes, or the template's [volume]), a restart policy ("always" or
+        "on-failure") and CPUs of its own; the template's [service] runs in it."""
+        call = _calls.pet_create_call(template, volume=volume, restart=restart, options=options)
+        return Sandbox(self, _base.parse(call, self._send(call), models.Sandbox))
+
+    def remove_volume(self, name: str) -> None:
+        """Delete the kept volume of a destroyed pet `name`, with its data."""
+        self._send(_calls.volume_delete_call(name))
+
     def claim(self, pool: str, **options: Unpack[ClaimOptions]) -> Sandbox:
         """A running sandbox from warm pool `pool`, or created cold when the pool is
         empty (`Sandbox.from_pool` says which); it is yours until destroyed."""
@@ -182,6 +200,21 @@ class Corral(BaseClient):
             )
         self._check(call, response)
         return response
+
+    def _chunks(self, call: Call) -> Iterator[bytes]:
+        """A streamed response body, chunk by chunk (a pet's log)."""
+        if self._http.is_closed:
+            raise self._closed(call)
+        with (
+            self._transport_errors(call),
+            self._http.stream(
+                call.method, call.path, params=call.params, timeout=self._timeout_for(call)
+            ) as response,
+        ):
+            if not response.is_success:
+                response.read()
+                self._check(call, response)
+            yield from response.iter_bytes()
 
     def _events(self, call: Call) -> Iterator[ExecEvent]:
         if self._http.is_closed:
@@ -311,6 +344,18 @@ class Sandbox:
 
     def resume(self) -> models.Sandbox:
         return self._apply(_calls.resume_call(self.id))
+
+    def promote(
+        self, name: str, *, volume: str | int | None = None, restart: str | None = None
+    ) -> models.Sandbox:
+        """Make this running sandbox a pet named `name` (see docs/pets.md): without
+        `volume` its processes keep running; with one it restarts with its files."""
+        return self._apply(_calls.promote_call(self.id, name, volume, restart))
+
+    def logs(self, *, follow: bool = False, tail: int | None = None) -> Iterator[bytes]:
+        """A pet's log (the last `tail` bytes, or all); with `follow`, what comes
+        next too, until the pet is destroyed or the iterator is closed."""
+        return self._client._chunks(_calls.logs_call(self.id, follow=follow, tail=tail))
 
     def kill(self) -> bool:
         """Destroy the sandbox; False when it was already gone."""

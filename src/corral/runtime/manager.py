@@ -178,20 +178,7 @@ class SandboxManager:
         # other requests must not wait on it.
         image = await asyncio.to_thread(self.images.build, spec, progress=progress)
         limits = _limits(spec, vcpus=cpus, memory=memory, pids=pids, disk=disk, cpuset=cpuset)
-        mounts = list(image.host_mounts)
-        for mount in spec.mounts:
-            source = resolve_mount_source(mount.source)
-            if source is None or not source.exists():
-                if mount.optional:
-                    continue
-                raise NotFoundError(
-                    f"template '{spec.name}': mount source '{mount.source}' does not exist",
-                    hint="create it, or mark the mount optional = true",
-                )
-            if any(source == m.source and mount.target == m.target for m in mounts):
-                continue
-            mounts.append(HostMount(source, mount.target))
-        mounts += extra_mounts
+        mounts = template_mounts(spec, image.host_mounts) + list(extra_mounts)
         sandbox_id = new_sandbox_id()
         now = time.time()
         sandbox_timeout = timeout if timeout is not None else spec.timeout
@@ -473,6 +460,14 @@ class SandboxManager:
                 # An idle pool member nobody holds: drop it; its pool refills.
                 self.store.delete(record.id)
                 report["lost"].append(record.id)
+            elif status == BackendStatus.MISSING and record.kind == "persistent":
+                # A pet comes back: the pet supervisor re-creates what is stopped.
+                self.store.update(
+                    record.id,
+                    state=SandboxState.STOPPED,
+                    error="lost: the backend no longer held it; re-created by the supervisor",
+                )
+                report["lost"].append(record.id)
             elif status == BackendStatus.MISSING:
                 self.store.update(
                     record.id,
@@ -530,6 +525,24 @@ class SandboxManager:
                 backend=self.backend.name,
                 hint="choose a runtime or backend that gives an allowed level",
             )
+
+
+def template_mounts(spec: Template, image_mounts: Sequence[HostMount]) -> builtins.list[HostMount]:
+    """The image's host mounts and the template's [[mounts]], resolved on this host."""
+    mounts = list(image_mounts)
+    for mount in spec.mounts:
+        source = resolve_mount_source(mount.source)
+        if source is None or not source.exists():
+            if mount.optional:
+                continue
+            raise NotFoundError(
+                f"template '{spec.name}': mount source '{mount.source}' does not exist",
+                hint="create it, or mark the mount optional = true",
+            )
+        if any(source == m.source and mount.target == m.target for m in mounts):
+            continue
+        mounts.append(HostMount(source, mount.target))
+    return mounts
 
 
 def _quota_check(tenant: str, quota: Quota, limits: SandboxLimits) -> Callable[[Usage], None]:

@@ -23,6 +23,7 @@ from corral.errors import CorralError
 from corral.runtime.manager import SandboxManager
 from corral.runtime.pools import PoolManager
 from corral.runtime.reaper import Reaper
+from corral.runtime.supervisor import PetSupervisor
 from corral.store import Store
 
 log = logging.getLogger("corral.server")
@@ -47,6 +48,11 @@ class ServerRuntime:
         """Warm pools over this runtime's manager (refilled while the server runs)."""
         return PoolManager(self.manager, interval=self.settings.server.reap_interval)
 
+    @functools.cached_property
+    def supervisor(self) -> PetSupervisor:
+        """Keeps pets running (their services, restarts, health checks, logs)."""
+        return PetSupervisor(self.manager)
+
     @classmethod
     def from_settings(cls, settings: Settings) -> ServerRuntime:
         return cls(SandboxManager.from_settings(settings), settings)
@@ -58,6 +64,7 @@ class ServerRuntime:
         self.reaper = Reaper(self.manager, self.settings.server.reap_interval)
         self.reaper.start()
         self.pools.start()
+        self.supervisor.start()
         self.ready = True
 
     async def stop(self) -> None:
@@ -65,6 +72,7 @@ class ServerRuntime:
         if self.reaper is not None:
             await self.reaper.stop()
         await self.pools.stop()
+        await self.supervisor.stop()
         await self.manager.backend.aclose()
 
 
@@ -95,6 +103,7 @@ def create_app(runtime: ServerRuntime, *, manage_lifecycle: bool = True) -> Fast
 
     from corral.server.metrics import Metrics
     from corral.server.routes import commands, files, pools, sandboxes, system
+    from corral.server.routes import pets as pet_routes
 
     app = FastAPI(
         title="Corral",
@@ -112,6 +121,7 @@ def create_app(runtime: ServerRuntime, *, manage_lifecycle: bool = True) -> Fast
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(pools.router, prefix=API_PREFIX)
     app.include_router(pools.metrics_router)
+    app.include_router(pet_routes.router, prefix=API_PREFIX)
     app.state.metrics = Metrics(runtime.pools)
 
     @app.exception_handler(CorralError)

@@ -1,0 +1,373 @@
+"""Pets: persistent sandboxes with a stable name, a volume, pinned CPUs and memory
+that is never overcommitted, a restart policy and kept logs; and promotion of a
+running ephemeral sandbox into one. The supervisor (`runtime.supervisor`) keeps
+them running.
+
+A pet's extra facts live in its record's `spec["pet"]`:
+`restart`, `backoff`, `max_backoff`, `crash_limit`, `volume` ({size, path} or
+None), `service` (the template's [service], or None) and `template` (the
+normalized template, so the supervisor can re-create the sandbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from corral.backends.base import HostMount, SandboxConfig, SandboxLimits
+from corral.errors import (
+    ConflictError,
+    CorralError,
+    InvalidStateError,
+    NotFoundError,
+    UnsupportedError,
+    UserError,
+)
+from corral.runtime.cpus import PetCapacity, parse_cpus
+from corral.runtime.state import SandboxState
+from corral.runtime.volumes import VolumeStore
+from corral.spec.template import Template, Volume, load_template, parse_template
+from corral.spec.units import parse_size
+from corral.store import SandboxRecord
+
+if TYPE_CHECKING:
+    from corral.runtime.manager import SandboxManager
+
+__all__ = ["RESTART_POLICIES", "PetManager"]
+
+RESTART_POLICIES = ("always", "on-failure")
+LOG_ROTATE_BYTES = 16 << 20
+_HOLDING = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.STOPPED)
+
+
+class PetManager:
+    """Create and promote pets on one SandboxManager; `state_dir` holds volumes and logs."""
+
+    def __init__(
+        self, manager: SandboxManager, state_dir: Path, capacity: PetCapacity | None = None
+    ) -> None:
+        self.manager = manager
+        self.volumes = VolumeStore(state_dir / "volumes", loop=manager.backend.name != "fake")
+        self.logs_dir = state_dir / "logs"
+        self.capacity = capacity or PetCapacity.of_host()
+        # One allocation at a time on this host: CPUs and memory are picked from the
+        # live pets' records, then the new record is inserted, under this lock.
+        self._allocating = asyncio.Lock()
+
+    # -- create / promote -----------------------------------------------------
+
+    async def create(
+        self,
+        template: str | Path | Template,
+        *,
+        name: str | None,
+        tenant: str = "local",
+        volume: str | int | None = None,
+        restart: str | None = None,
+        memory: str | int | None = None,
+        cpus: float | None = None,
+        cpuset: str | None = None,
+        **create: Any,
+    ) -> SandboxRecord:
+        """Create a pet named `name` (unique per tenant), with its volume (made, or
+        found again from an earlier pet of that name) and CPUs of its own."""
+        from corral.runtime.manager import _limits
+
+        spec = template if isinstance(template, Template) else load_template(template)
+        # Every pet has a volume: its mount point is made in the pet's image.
+        spec = spec.model_copy(update={"kind": "persistent", "volume": spec.volume or Volume()})
+        name = _pet_name(name)
+        limits = _limits(spec, vcpus=cpus, memory=memory, cpuset=cpuset)
+        volume_spec = spec.volume or Volume()
+        size = parse_size(volume) if volume is not None else volume_spec.size
+        async with self._allocating:
+            self._check_name(name, tenant)
+            pinned = self._allocate(limits)
+            mounted = await self.volumes.ensure(tenant, name, size)
+            pet = _pet_facts(spec, restart, {"size": size, "path": volume_spec.path})
+            mount = HostMount(mounted.mountpoint, volume_spec.path, writable=True)
+            try:
+                record = await self.manager.create(
+                    spec,
+                    name=name,
+                    tenant=tenant,
+                    memory=memory,
+                    cpus=cpus,
+                    cpuset=pinned,
+                    pet=pet,
+                    extra_mounts=[mount],
+                    **create,
+                )
+            except BaseException:
+                self.volumes.unmount(mounted)
+                raise
+        self.log(record, f"created (CPUs {pinned}, volume {size >> 20} MiB at {mount.target})")
+        return record
+
+    async def promote(
+        self,
+        sandbox_id: str,
+        *,
+        name: str,
+        tenant: str | None = None,
+        volume: str | int | None = None,
+        restart: str | None = None,
+    ) -> SandboxRecord:
+        """Make a running ephemeral sandbox a pet. Without `volume` it keeps running
+        as it is (processes and files), re-pinned to CPUs of its own and out of the
+        reaper's reach. With `volume` it is re-created with the volume mounted (the
+        backend cannot add a mount to a running sandbox): its workdir and home are
+        carried over, its processes restart."""
+        record = self.manager.store.get(sandbox_id, tenant=tenant)
+        if record.kind == "persistent":
+            raise InvalidStateError(
+                "the sandbox is already persistent", sandbox_id=record.id, hint="nothing to do"
+            )
+        if record.state != SandboxState.RUNNING or record.pool is not None:
+            raise InvalidStateError(
+                f"only a running sandbox can be promoted (this one is {record.state})",
+                sandbox_id=record.id,
+                hint="create a pet instead: `corral create --kind persistent --name N`",
+            )
+        name = _pet_name(name)
+        try:
+            spec: Template | None = load_template(record.template)
+        except CorralError:
+            spec = None  # a template sent with the request: the pet cannot be re-created
+        limits = SandboxLimits(**record.limits)
+        async with self._allocating:
+            self._check_name(name, record.tenant)
+            pinned = self._allocate(limits)
+            size = None if volume is None else parse_size(volume)
+            if size is None:
+                try:
+                    await self.manager.backend.set_cpuset(record.id, pinned)
+                except UnsupportedError:
+                    size = Volume().size  # cannot re-pin in place: re-create it pinned
+            volume_facts = None
+            if size is not None and spec is not None:
+                # The re-created sandbox's image has the volume's mount point.
+                volume_spec = Volume(size=size, path=(spec.volume or Volume()).path)
+                spec = spec.model_copy(update={"volume": volume_spec})
+                volume_facts = volume_spec.model_dump()
+            pet = _pet_facts(spec, restart, volume_facts)
+            new_spec = dict(record.spec) | {
+                "limits": dict(record.limits) | {"cpuset": pinned},
+                "pet": pet,
+            }
+            if size is not None:
+                await self._recreate_with_files(record, name, pet, pinned)
+            promoted = self.manager.store.update(
+                record.id,
+                kind="persistent",
+                name=name,
+                expires_at=None,
+                spec=new_spec | {"pet": pet},
+            )
+        self.log(promoted, f"promoted from {record.id} (CPUs {pinned})")
+        return promoted
+
+    async def _recreate_with_files(
+        self, record: SandboxRecord, name: str, pet: dict[str, Any], pinned: str
+    ) -> None:
+        """Re-create `record` as pet `pet` (pinned, with its volume), carrying its
+        workdir and home over as tar streams."""
+        saved: builtins.list[tuple[str, bytes]] = []
+        for directory in await self._writable_dirs(record):
+            with contextlib.suppress(CorralError):
+                saved.append((directory, await self.manager.get_archive(record.id, directory)))
+        staged = dataclasses.replace(record, spec=dict(record.spec) | {"pet": pet}, name=name)
+        config = await self.sandbox_config(staged, cpuset=pinned)
+        await self.manager.backend.destroy(record.id)
+        await self.manager.backend.create(config)
+        for directory, tar in saved:
+            await self.manager.put_archive(record.id, directory, tar)
+
+    async def _writable_dirs(self, record: SandboxRecord) -> builtins.list[str]:
+        result = await self.manager.exec(
+            record.id, ["/bin/sh", "-c", 'pwd; printf "%s\\n" "$HOME"'], timeout=10
+        )
+        dirs = [line for line in result.stdout.decode().splitlines() if line.startswith("/")]
+        return list(dict.fromkeys(dirs))
+
+    def _check_name(self, name: str, tenant: str) -> None:
+        with contextlib.suppress(NotFoundError):
+            other = self.manager.store.get(name, tenant=tenant)
+            raise ConflictError(
+                f"a sandbox named '{name}' already exists ({other.id}, {other.state})",
+                sandbox_id=other.id,
+                hint="choose another name, or destroy the other sandbox first",
+            )
+
+    def _allocate(self, limits: SandboxLimits) -> str:
+        """Pinned CPUs for a new pet, after checking its memory fits (lock held)."""
+        pets = self.live_pets()
+        taken = set().union(*(parse_cpus(p.limits.get("cpuset")) for p in pets))
+        self.capacity.check_memory(limits.memory, [int(p.limits["memory"]) for p in pets])
+        return self.capacity.pick_cpus(limits.vcpus, taken, limits.cpuset)
+
+    def live_pets(self) -> builtins.list[SandboxRecord]:
+        """Pets that hold CPUs and memory on this backend (a failed pet too, until
+        destroyed: it may be looked at, and re-created under its name)."""
+        return [
+            r
+            for r in self.manager.store.list(backend=self.manager.backend.name)
+            if r.kind == "persistent" and r.state != SandboxState.DESTROYING
+        ]
+
+    def released(self, record: SandboxRecord) -> None:
+        """After a pet's sandbox is destroyed: unmount its volume (the data stays)."""
+        if record.name:
+            self.volumes.unmount(self.volumes.volume(record.tenant, record.name))
+        self.log(record, "destroyed (volume kept)")
+
+    def remove_volume(self, name: str, *, tenant: str) -> None:
+        """Delete a volume and its data; refused while a pet of that name exists."""
+        self._check_name(name, tenant)
+        volume = self.volumes.volume(tenant, name)
+        if not volume.image.exists():
+            raise NotFoundError(f"no volume '{name}'", hint="list pets with `corral ls`")
+        self.volumes.remove(tenant, name)
+
+    # -- re-creation ------------------------------------------------------------
+
+    async def sandbox_config(
+        self, record: SandboxRecord, *, cpuset: str | None = None
+    ) -> SandboxConfig:
+        """The backend config that re-creates pet `record` as it was created."""
+        from corral.runtime.manager import template_mounts
+
+        pet: Mapping[str, Any] = record.spec["pet"]
+        if pet.get("template") is None:
+            raise UnsupportedError(
+                f"pet '{record.name}' came from a template sent with its request and"
+                " cannot be re-created on this host",
+                sandbox_id=record.id,
+                hint="deploy it again from its template file",
+            )
+        spec = parse_template(dict(pet["template"]), source=f"<pet {record.name}>")
+        image = await asyncio.to_thread(self.manager.images.build, spec)
+        limits = dict(record.limits)
+        if cpuset is not None:
+            limits["cpuset"] = cpuset
+        mounts = template_mounts(spec, image.host_mounts)
+        volume = pet.get("volume")
+        if volume is not None:
+            mounted = await self.volumes.ensure(
+                record.tenant, record.name or record.id, int(volume["size"])
+            )
+            mounts.append(HostMount(mounted.mountpoint, str(volume["path"]), writable=True))
+        return SandboxConfig(
+            sandbox_id=record.id,
+            image=image.to_ref(),
+            limits=SandboxLimits(**limits),
+            env=dict(record.spec.get("env", {})),
+            mounts=mounts,
+            network=spec.network,
+            labels=dict(record.labels),
+            runtime=record.runtime,
+        )
+
+    async def recreate(self, record: SandboxRecord) -> None:
+        """Destroy what the backend still holds of the pet and create it again."""
+        config = await self.sandbox_config(record)
+        await self.manager.backend.destroy(record.id)
+        await self.manager.backend.create(config)
+
+    # -- logs ---------------------------------------------------------------------
+
+    def log_path(self, record: SandboxRecord) -> Path:
+        return self.logs_dir / record.tenant / f"{record.name or record.id}.log"
+
+    def log(self, record: SandboxRecord, message: str) -> None:
+        """Append one of Corral's own lines to the pet's log."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.append_log(record, f"--- corral {stamp}: {message}\n".encode())
+
+    def append_log(self, record: SandboxRecord, data: bytes) -> None:
+        path = self.log_path(record)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size > LOG_ROTATE_BYTES:
+                path.replace(path.with_suffix(".log.1"))
+        with open(path, "ab") as log:
+            log.write(data)
+
+    def logs_of(self, sandbox_id: str, *, tenant: str | None = None) -> SandboxRecord:
+        """The pet whose log `read_logs` reads; UserError for a sandbox that is no pet."""
+        record = self.manager.store.get(sandbox_id, tenant=tenant)
+        if record.kind != "persistent":
+            raise UserError(
+                "only pets keep logs",
+                sandbox_id=record.id,
+                hint="promote it (`corral promote`) or run commands with `corral exec`",
+            )
+        return record
+
+    async def read_logs(
+        self,
+        record: SandboxRecord,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        poll: float = 0.2,
+    ) -> AsyncIterator[bytes]:
+        """The pet's log (the last `tail` bytes, or all of it), then with `follow`
+        what is appended, until the pet is destroyed."""
+        path = self.log_path(record)
+        offset = 0
+        if tail is not None and path.exists():
+            offset = max(0, path.stat().st_size - tail)
+        while True:
+            if path.exists():
+                if path.stat().st_size < offset:
+                    offset = 0  # rotated
+                with open(path, "rb") as log:
+                    log.seek(offset)
+                    while chunk := log.read(65536):
+                        offset += len(chunk)
+                        yield chunk
+            if not follow:
+                return
+            try:
+                current = self.manager.store.get(record.id)
+            except NotFoundError:
+                return
+            if current.state in (SandboxState.DESTROYING, SandboxState.DESTROYED):
+                return
+            await asyncio.sleep(poll)
+
+
+def _pet_name(name: str | None) -> str:
+    if not name:
+        raise UserError(
+            "a persistent sandbox needs a name",
+            hint="give it one with --name NAME (unique among your sandboxes)",
+        )
+    return name
+
+
+def _pet_facts(
+    spec: Template | None, restart: str | None, volume: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    service = spec.service if spec is not None else None
+    policy = restart or (service.restart if service else "always")
+    if policy not in RESTART_POLICIES:
+        raise UserError(
+            f"unknown restart policy '{policy}'", hint="use one of: " + ", ".join(RESTART_POLICIES)
+        )
+    return {
+        "restart": policy,
+        "backoff": service.backoff if service else 1.0,
+        "max_backoff": service.max_backoff if service else 60.0,
+        "crash_limit": service.crash_limit if service else 5,
+        "volume": None if volume is None else dict(volume),
+        "service": service.model_dump(mode="json") if service else None,
+        "template": spec.normalized() if spec is not None else None,
+    }
