@@ -108,6 +108,10 @@ def test_no_5xx_no_hangs_and_answers_match_the_schema(
         except Exception as error:
             failures.append(f"{operation.label}: {error}"[:3000])
         httpx.delete(f"{fuzz_server.url}/v1/sandboxes/{real}", headers=fuzz_headers)
+        # Pets are never reaped: the ones a run made go now, or they fill the quota.
+        listed = httpx.get(f"{fuzz_server.url}/v1/sandboxes", headers=fuzz_headers).json()
+        for pet in (sandbox for sandbox in listed if sandbox["kind"] == "persistent"):
+            httpx.delete(f"{fuzz_server.url}/v1/sandboxes/{pet['id']}", headers=fuzz_headers)
     assert not failures, "\n\n".join(failures)
     # The runs reached the handlers' success paths, not only their refusals.
     succeeded = {label for label, codes in statuses.items() if any(c < 300 for c in codes)}

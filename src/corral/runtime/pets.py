@@ -85,7 +85,7 @@ class PetManager:
         name = _pet_name(name)
         limits = _limits(spec, vcpus=cpus, memory=memory, cpuset=cpuset)
         volume_spec = spec.volume or Volume()
-        size = parse_size(volume) if volume is not None else volume_spec.size
+        size = _volume_size(volume) if volume is not None else volume_spec.size
         async with self._allocating:
             self._check_name(name, tenant)
             pinned = self._allocate(limits)
@@ -144,7 +144,7 @@ class PetManager:
         async with self._allocating:
             self._check_name(name, record.tenant)
             pinned = self._allocate(limits)
-            size = None if volume is None else parse_size(volume)
+            size = None if volume is None else _volume_size(volume)
             if size is None:
                 try:
                     await self.manager.backend.set_cpuset(record.id, pinned)
@@ -342,6 +342,17 @@ class PetManager:
             if current.state in (SandboxState.DESTROYING, SandboxState.DESTROYED):
                 return
             await asyncio.sleep(poll)
+
+
+def _volume_size(value: str | int) -> int:
+    """A volume size in bytes, by the rules of a template's [volume] size."""
+    try:
+        size = parse_size(value)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"volume: {exc}", hint="e.g. --volume 256M") from None
+    if size < 1 << 20:
+        raise UserError(f"a volume of {size} bytes is too small", hint="give 1M or more")
+    return size
 
 
 def _pet_name(name: str | None) -> str:
