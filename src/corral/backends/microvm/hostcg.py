@@ -41,7 +41,7 @@ class HostCgroup:
         quota = max(1000, math.ceil(vcpus * _PERIOD_US))
         limit = memory + OVERHEAD_BYTES
         for name, directory in self._dirs().items():
-            if not directory.parent.exists() and name != "all":
+            if name != "all" and not (self.root / name).is_dir():
                 continue  # a v1 controller this host does not mount
             directory.mkdir(parents=True, exist_ok=True)
             if self.unified:

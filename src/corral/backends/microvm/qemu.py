@@ -11,6 +11,7 @@ Facts this module encodes (measured on our hosts, see docs/microvm.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
@@ -170,7 +171,8 @@ async def qmp_call(
             hint="the VM's QEMU process may have exited; see its console.log",
         ) from exc
     finally:
-        await client.disconnect()
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await client.disconnect()
 
 
 class QmpSession:
@@ -188,7 +190,13 @@ class QmpSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.client.disconnect()
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self.client.disconnect()
+
+    async def quit(self) -> None:
+        """Make QEMU exit; the connection ends with it, which is the answer."""
+        with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
+            await asyncio.wait_for(self.client.execute("quit"), 10)
 
     async def run(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         try:

@@ -71,7 +71,7 @@ async def snapshot(
         if keep_running:
             await qmp.run("cont")
         else:
-            await qmp.run("quit")
+            await qmp.quit()
     if not keep_running:
         for _ in range(200):
             if backend._qemu_pid(sandbox_id) is None:

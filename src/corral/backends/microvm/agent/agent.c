@@ -410,7 +410,8 @@ static void maybe_finish_exec(port_t *p) {
     buf_add(&b, reason, strlen(reason));
     send_frame(p, 'X', b.data, b.len);
     buf_free(&b);
-    kill_cgroup(s->cgroup); /* only after a timeout or kill was there anything left to end */
+    /* Background processes the command left (daemons) live on, unless it was ended. */
+    if (s->timed_out || s->killed) kill_cgroup(s->cgroup);
     forget_cgroup(s->cgroup);
     session_reset(s);
 }
@@ -728,11 +729,12 @@ static void setup_cgroups(void) {
     char value[64];
     snprintf(value, sizeof value, "%lld", param("corral.pids", 256));
     write_file(CG "/pids.max", value);
-    /* Leave the agent and the kernel a reserve so an OOM inside stays a sandbox OOM. */
-    long long total_kib = keyed("/proc/meminfo", "MemTotal");
-    long long reserve_kib = param("corral.reserve_kib", 20480);
-    if (total_kib > reserve_kib * 2) {
-        snprintf(value, sizeof value, "%lld", (total_kib - reserve_kib) * 1024);
+    /* What the booted guest has left, less a reserve for the agent and the kernel's
+     * own growth: an OOM then stays inside the sandbox's cgroup. */
+    long long available_kib = keyed("/proc/meminfo", "MemAvailable");
+    long long reserve_kib = param("corral.reserve_kib", 8192);
+    if (available_kib > reserve_kib * 2) {
+        snprintf(value, sizeof value, "%lld", (available_kib - reserve_kib) * 1024);
         write_file(CG "/memory.max", value);
         write_file(CG "/memory.swap.max", "0");
     }
