@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import json
-import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -44,13 +42,13 @@ from corral.backends.oci.execution import (
     ExecTarget,
     Finished,
     exit_status,
-    run,
 )
 from corral.backends.oci.execution import runtime_exec as _runtime_exec
-from corral.backends.oci.runtimes import OciRuntime, get_runtime
+from corral.backends.oci.runtimes import get_runtime
+from corral.backends.podman import gvisor
 from corral.backends.podman.engine import RUNSC_EGRESS, RUNTIME_ROOTS, Podman
 from corral.backends.podman.images import ImageLoader
-from corral.backends.podman.service import DEFAULT_IDLE_TIMEOUT, PodmanService
+from corral.backends.podman.service import DEFAULT_IDLE_TIMEOUT, PodmanService, api_message
 from corral.backends.podman.spec import (
     SANDBOX_LABEL,
     container_spec,
@@ -251,7 +249,7 @@ class PodmanBackend(Backend):
             f"podman could not {step} the sandbox on {runtime} (HTTP {response.status_code})",
             sandbox_id=sandbox_id,
             backend=self.name,
-            stderr_tail=_api_message(response),
+            stderr_tail=api_message(response),
             hint="run `corral doctor` to check the host",
         )
 
@@ -327,7 +325,8 @@ class PodmanBackend(Backend):
         meta = self._meta(sandbox_id)
         reading = cgroups.read(meta.cgroup)
         if reading.memory_limit == 0:  # no memory cgroup: stopped, podman removed it
-            reading = dataclasses.replace(reading, oom_kills=int(kernel_reported_oom(meta.cgroup)))
+            oom = gvisor.kernel_reported_oom(meta.cgroup)
+            reading = dataclasses.replace(reading, oom_kills=int(oom))
         return SandboxStats(
             memory_bytes=reading.memory_bytes,
             memory_limit=reading.memory_limit,
@@ -354,7 +353,7 @@ class PodmanBackend(Backend):
                 f"podman {verb} failed (HTTP {done.status_code})",
                 sandbox_id=sandbox_id,
                 backend=self.name,
-                stderr_tail=_api_message(done),
+                stderr_tail=api_message(done),
             )
 
     # -- exec ----------------------------------------------------------------
@@ -399,9 +398,9 @@ class PodmanBackend(Backend):
         # A dying gVisor sentry can make `runsc exec` report any code, even 0: is the
         # sandbox process still there? (The host's view: ~1 ms, where asking Podman
         # costs a `runsc state`.)
-        gone = not runtime.in_kernel and not _gvisor_sandbox_alive(meta.cgroup)
+        gone = not runtime.in_kernel and not gvisor.sandbox_alive(meta.cgroup)
         if gone and not oom:
-            oom = kernel_reported_oom(meta.cgroup)
+            oom = gvisor.kernel_reported_oom(meta.cgroup)
         yield exit_status(
             end.returncode, runtime, request, end.stderr_tail, end.timed_out, oom, end.started, gone
         )
@@ -416,23 +415,17 @@ class PodmanBackend(Backend):
         `restore()` brings the same sandbox back on this host.
         """
         meta = self._meta(sandbox_id)
-        runtime = self._snapshot_runtime(meta, sandbox_id)
-        dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        argv = runtime.command(
-            RUNTIME_ROOTS["runsc"], "checkpoint", f"--image-path={dest}", meta.container_id
-        )
-        rc, _, err = await run(argv)
-        if rc != 0:
+        runtime = gvisor.snapshot_runtime(meta.runtime, meta.podman_runtime, sandbox_id)
+        error = await gvisor.checkpoint(runtime, meta.container_id, Path(dest))
+        if error is not None:
             raise ExecError(
-                f"runsc checkpoint failed (exit {rc})",
+                "runsc checkpoint failed",
                 sandbox_id=sandbox_id,
                 backend=self.name,
-                stderr_tail=err.decode(errors="replace")[-1000:],
+                stderr_tail=error,
             )
         # Podman notices the exit and unmounts the rootfs; wait for it to say so.
-        service = self.service(meta.podman_runtime)
-        await service.request(
+        await self.service(meta.podman_runtime).request(
             "POST", f"/containers/{meta.container_id}/wait", params={"condition": "exited"}
         )
 
@@ -443,51 +436,25 @@ class PodmanBackend(Backend):
         start into `runsc restore` of the staged checkpoint.
         """
         meta = self._meta(sandbox_id)
-        self._snapshot_runtime(meta, sandbox_id)
-        image = Path(source) / "checkpoint.img"
-        if not image.is_file():
+        gvisor.snapshot_runtime(meta.runtime, meta.podman_runtime, sandbox_id)
+        if not (Path(source) / gvisor.CHECKPOINT_FILE).is_file():
             raise NotFoundError(
                 f"no gVisor checkpoint at {source}",
                 sandbox_id=sandbox_id,
                 backend=self.name,
                 hint="pass the directory snapshot() wrote",
             )
-        staged = self.podman.restore_dir / meta.container_id
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        staged.write_text(str(Path(source).resolve()))
-        try:
-            service = self.service(meta.podman_runtime)
-            started = await service.request("POST", f"/containers/{meta.container_id}/start")
-        finally:
-            staged.unlink(missing_ok=True)
-            staged.with_suffix(".restored").unlink(missing_ok=True)
+        with gvisor.staged_restore(self.podman.restore_dir, meta.container_id, Path(source)):
+            started = await self.service(meta.podman_runtime).request(
+                "POST", f"/containers/{meta.container_id}/start"
+            )
         if started.status_code not in (204, 304):
             raise ExecError(
                 f"podman could not restore the sandbox (HTTP {started.status_code})",
                 sandbox_id=sandbox_id,
                 backend=self.name,
-                stderr_tail=_api_message(started),
+                stderr_tail=api_message(started),
             )
-
-    def _snapshot_runtime(self, meta: _Meta, sandbox_id: str) -> OciRuntime:
-        runtime = get_runtime(meta.runtime)
-        if runtime.in_kernel:
-            raise UnsupportedError(
-                f"snapshots are not supported by {runtime.name} on this host: they need"
-                " CRIU, which fails on this kernel",
-                sandbox_id=sandbox_id,
-                backend=self.name,
-                hint="create the sandbox with runtime='runsc' (gVisor checkpoints itself)",
-            )
-        if meta.podman_runtime == RUNSC_EGRESS:
-            raise UnsupportedError(
-                "snapshots of an egress sandbox are not supported under gVisor: it uses"
-                " the host's network stack (in its own namespace), which runsc cannot save",
-                sandbox_id=sandbox_id,
-                backend=self.name,
-                hint="snapshot sandboxes with network='none'",
-            )
-        return runtime
 
 
 def _kill_cgroup_tasks(cgroup: str, *, keep: str) -> None:
@@ -499,50 +466,3 @@ def _kill_cgroup_tasks(cgroup: str, *, keep: str) -> None:
             return
         for pid in left:
             procs.kill(pid)
-
-
-def _gvisor_sandbox_alive(cgroup: str) -> bool:
-    """True while the cgroup holds a gVisor sandbox (sentry) process."""
-    for pid in cgroups.pids(cgroup):
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"runsc-sandbox"):
-                return True
-    return False
-
-
-def _api_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[-1000:]
-    if isinstance(body, dict):
-        return str(body.get("message") or body.get("cause") or body)[-1000:]
-    return str(body)[-1000:]
-
-
-def kernel_reported_oom(cgroup: str) -> bool:
-    """True when the kernel log has an OOM kill in `cgroup`.
-
-    Once a gVisor sandbox has died of OOM, podman removes the container's cgroup
-    and its oom_kill counter with it (and records no OOMKilled for runsc), so the
-    kernel's own `oom-kill:... oom_memcg=<cgroup>,` line is what is left.
-    """
-    needle = f"oom_memcg={cgroup},".encode()
-    try:
-        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        while True:
-            try:
-                record = os.read(fd, 8192)
-            except BlockingIOError:
-                return False
-            except OSError as exc:  # EPIPE: records overwritten while reading; read on
-                if exc.errno != errno.EPIPE:
-                    return False
-                continue
-            if needle in record:
-                return True
-    finally:
-        os.close(fd)

@@ -157,6 +157,17 @@ class PodmanService:
             await asyncio.to_thread(self._stop)
 
 
+def api_message(response: httpx.Response) -> str:
+    """What Podman said about a failed call (its error's message, else the body)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[-1000:]
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("cause") or body)[-1000:]
+    return str(body)[-1000:]
+
+
 def service_pids(home: Path) -> list[int]:
     """Pids of API services (anyone's) serving a socket under `home`/api."""
     needle = f"unix://{home / 'api'}/".encode()
