@@ -22,9 +22,9 @@ import pytest
 from corral.backends.base import BackendStatus, ExecRequest, Output, SandboxConfig, SandboxLimits
 from corral.backends.microvm import MicrovmBackend
 from corral.backends.microvm.bundle import BundleStore
+from corral.backends.microvm.host import accelerator, tsc_khz
 from corral.backends.microvm.initramfs import write_initramfs
 from corral.backends.microvm.kernel import extract_vmlinux, modinfo, module_order
-from corral.backends.microvm.qemu import accelerator, tsc_khz
 from corral.errors import ImageBuildError, InvalidStateError
 from tests.conftest import TEST_LABEL, require_binary, require_root
 

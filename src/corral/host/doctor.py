@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from corral._sys import cgroups
+from corral.backends.microvm.host import accelerator
 from corral.backends.oci.backend import CGROUP_PARENT
 from corral.backends.oci.runtimes import RUNTIMES
 from corral.backends.podman.engine import Podman
@@ -443,6 +444,9 @@ def run_checks(
         checks.append(check)
     checks += [_check_cgroups(cgroup_root), *_check_rlimits(proc_root), _check_userns(proc_root)]
     checks.append(_check_kvm(proc_root, sys_root, dev_root))
+    if versions.get("qemu-system-x86_64"):
+        accel = accelerator(dev_root / "kvm", sys_root / "module")
+        checks.append(Check("microvm-accel", "ok", f"--vmm qemu uses {accel.name}: {accel.reason}"))
     if runsc_version := versions.get("runsc"):
         checks.append(_check_runsc_network(runsc_version, proc_root))
     state = state_dir or Path(env.get("CORRAL_STATE_DIR", STATE_DIR))

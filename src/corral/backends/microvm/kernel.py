@@ -43,16 +43,28 @@ class GuestKernel:
     modules: tuple[Path, ...]
 
 
-def ensure_kernel(cache: Path, package: str = KERNEL_PACKAGE) -> GuestKernel:
-    """The guest kernel under `cache/kernel`, downloaded with apt and unpacked on first use."""
-    name, version = _resolve(package)
-    target = cache / "kernel" / f"{name}_{version}"
+def ensure_kernel(
+    cache: Path, package: str = KERNEL_PACKAGE, *, refresh: bool = False
+) -> GuestKernel:
+    """The guest kernel under `cache/kernel`, downloaded with apt and unpacked on first use.
+
+    The kernel in use is pinned by `cache/kernel/current-<package>` so creating a
+    sandbox never asks apt; `refresh` resolves the package again (a newer kernel
+    then makes new bundles, and old snapshots keep theirs).
+    """
+    pin = cache / "kernel" / f"current-{package}"
     with _locked(cache / "kernel" / ".lock"):
-        if not (target / "digest").is_file():
-            _unpack(name, version, target)
+        pinned = pin.read_text().strip() if pin.is_file() and not refresh else ""
+        target = cache / "kernel" / pinned
+        if not pinned or not (target / "digest").is_file():
+            name, version = _resolve(package)
+            target = cache / "kernel" / f"{name}_{version}"
+            if not (target / "digest").is_file():
+                _unpack(name, version, target)
+            pin.write_text(target.name + "\n")
     modules = tuple(target / "modules" / line for line in _read_lines(target / "modules.order"))
     return GuestKernel(
-        version=f"{name} {version}",
+        version=target.name.replace("_", " "),
         digest=(target / "digest").read_text().strip(),
         vmlinux=target / "vmlinux",
         modules=modules,
