@@ -218,11 +218,18 @@ async def test_the_volume_has_a_real_size_limit_and_outlives_the_pet(
     volume = oci_manager.pets.volumes.volume("local", "store")
     assert not oci_manager.pets.volumes.is_mounted(volume)
     assert volume.image.exists()
-    again = await oci_manager.create(pet_template(), name="store", memory="64M")
+    again = await oci_manager.pets.create(pet_template(), name="store", volume="24M")
     assert await sh(oci_manager, again, "cat /data/note") == "kept\n"
+    grown = await sh(oci_manager, again, "dd if=/dev/zero of=/data/more bs=1M count=12 && echo ok")
+    assert grown.endswith("ok\n")  # 8M grew to 24M, the data kept
     with pytest.raises(ConflictError, match="already exists"):
         oci_manager.pets.remove_volume("store", tenant="local")
-    await oci_manager.destroy(again.id)
+    # A destroy cut short (the record gone, the volume still mounted) is settled.
+    await oci_manager.backend.destroy(again.id)
+    oci_manager.store.delete(again.id)
+    assert oci_manager.pets.volumes.is_mounted(volume)
+    assert oci_manager.pets.unmount_orphans() == ["local/store"]
+    assert not oci_manager.pets.volumes.is_mounted(volume)
     oci_manager.pets.remove_volume("store", tenant="local")
     assert not volume.image.exists()
 

@@ -227,6 +227,16 @@ class PetManager:
             self.volumes.unmount(self.volumes.volume(record.tenant, record.name))
         self.log(record, "destroyed (volume kept)")
 
+    def unmount_orphans(self) -> builtins.list[str]:
+        """Unmount volumes no live pet uses (a destroy a crash cut short); their names."""
+        used = {(p.tenant, p.name) for p in self.live_pets()}
+        orphans = []
+        for volume in self.volumes.list():
+            if (volume.tenant, volume.name) not in used and self.volumes.is_mounted(volume):
+                self.volumes.unmount(volume)
+                orphans.append(f"{volume.tenant}/{volume.name}")
+        return orphans
+
     def remove_volume(self, name: str, *, tenant: str) -> None:
         """Delete a volume and its data; refused while a pet of that name exists."""
         self._check_name(name, tenant)

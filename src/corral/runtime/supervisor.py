@@ -66,6 +66,8 @@ class PetSupervisor:
         self._watchers: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
+        for orphan in self.pets.unmount_orphans():
+            log.info("unmounted volume %s: no pet uses it", orphan)
         if self._scanner is None:
             self._scanner = asyncio.create_task(self._scan_loop(), name="corral-pets")
 
