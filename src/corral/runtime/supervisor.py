@@ -116,7 +116,7 @@ class PetSupervisor:
             started = time.monotonic()
             try:
                 ended = await self._run_once(record)
-            except CorralError as error:
+            except (CorralError, OSError) as error:
                 ended = _Ended(True, f"could not run: {error}")
             if (record := self._current(sandbox_id)) is None:
                 return
@@ -212,6 +212,9 @@ class PetSupervisor:
         retries = int(health["retries"])
         while True:
             await asyncio.sleep(float(health["interval"]))
+            with contextlib.suppress(NotFoundError):
+                if self.manager.store.get(record.id).state == SandboxState.PAUSED:
+                    continue  # frozen on purpose: nothing to probe
             detail = await self._probe(record, health)
             if detail is None:
                 failures = 0
