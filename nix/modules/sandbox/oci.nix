@@ -72,6 +72,7 @@ in
       )}
       mkdir -p .${q t.workdir} .${q home}
       chown ${uid}:${gid} .${q t.workdir} .${q home}
+      ${lib.optionalString (t.volume != null) "mkdir -p .${q t.volume.path}"}
     '';
     # created stays at the epoch: the same template gives the same image digest.
   };
