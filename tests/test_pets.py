@@ -134,6 +134,11 @@ async def test_a_crashing_service_is_restarted_then_marked_failed(
     assert "restart 1 in 0.05s" in log
     assert "restart 3 in 0.2s" in log  # doubling, capped at max_backoff
     assert "marked failed: crash loop" in log
+    # Its sandbox still runs, to be looked into; then it is supervised again.
+    assert (await fake_manager.exec(pet.id, ["echo", "inside"])).stdout == b"inside\n"
+    assert fake_manager.pets.restart(pet.id).state == SandboxState.STOPPED
+    with pytest.raises(InvalidStateError, match="only a failed pet is restarted"):
+        fake_manager.pets.restart(pet.id)
 
 
 async def test_on_failure_leaves_a_clean_exit_alone(fake_manager: SandboxManager) -> None:

@@ -169,6 +169,12 @@ def test_actor_service_survives_kills_server_restarts_and_stops_crash_looping(
         assert failed.error.startswith("crash loop: stopped after 3 failures in a row")
         assert "service exited with code 3" in failed.error
 
+        # A failed pet's sandbox can be looked into and fixed, then supervised again.
+        again.exec(["rm", "/data/state/crash"])
+        assert again.restart().state == "stopped"
+        wait_for(answers(again, "count=4 boots=6"), "the service after the restart")
+        assert client.get("counter").info.error is None
+
         log = b"".join(again.logs()).decode()
         assert "actor up: count=0 boots=1" in log
         assert "crash file present: exiting 3" in log
@@ -243,6 +249,9 @@ def test_cli_deploys_promotes_and_follows_logs(server: ServerProcess, tmp_path: 
     assert refused.returncode != 0
     assert "already persistent" in refused.stderr
     assert cli("logs", "kept").stdout.count("promoted from") == 1
+    not_failed = cli("restart", "kept")
+    assert not_failed.returncode != 0
+    assert "only a failed pet is restarted" in not_failed.stderr
     assert cli("rm", "ticker", "kept").returncode == 0
     assert cli("volume", "rm", "ticker").returncode == 0
     gone = cli("volume", "rm", "ticker")

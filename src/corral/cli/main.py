@@ -42,6 +42,7 @@ app.add_typer(pet_cmds.service_app, name="service")
 app.add_typer(pet_cmds.volume_app, name="volume")
 app.command("promote")(pet_cmds.promote)
 app.command("logs")(pet_cmds.logs)
+app.command("restart")(pet_cmds.restart)
 
 CORRAL_FAILED = 125  # `run`/`exec`: Corral itself failed (the command's codes pass through)
 

@@ -143,6 +143,27 @@ def promote(
     _print(run_async(go()), json_out)
 
 
+def restart(
+    sandbox: Annotated[str, typer.Argument(help="The failed pet (name or id).")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Supervise a failed pet again, once what made it crash-loop is fixed."""
+
+    async def go() -> Sandbox:
+        from corral.api.models import Sandbox
+
+        target = STATE.target()
+        try:
+            if isinstance(target, LocalTarget):
+                return Sandbox.from_record(target.manager.pets.restart(sandbox))
+            assert isinstance(target, RemoteTarget)
+            return await (await target.client.get(sandbox)).restart()
+        finally:
+            await target.aclose()
+
+    _print(run_async(go()), json_out)
+
+
 def logs(
     sandbox: Annotated[str, typer.Argument(help="The pet (name or id).")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,

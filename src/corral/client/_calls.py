@@ -372,6 +372,10 @@ def promote_call(sandbox_id: str, name: str, volume: str | int | None, restart: 
     )
 
 
+def restart_call(sandbox_id: str) -> Call:
+    return Call("POST", _sandbox_path(sandbox_id, "/restart"), sandbox_id=sandbox_id)
+
+
 def logs_call(sandbox_id: str, *, follow: bool, tail: int | None) -> Call:
     params: list[tuple[str, str]] = [("follow", "true" if follow else "false")]
     if tail is not None:

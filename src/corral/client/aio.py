@@ -376,6 +376,10 @@ class AsyncSandbox:
         """Make this running sandbox a pet named `name` (see `Sandbox.promote`)."""
         return await self._apply(_calls.promote_call(self.id, name, volume, restart))
 
+    async def restart(self) -> models.Sandbox:
+        """Supervise this failed pet again (see `Sandbox.restart`)."""
+        return await self._apply(_calls.restart_call(self.id))
+
     def logs(self, *, follow: bool = False, tail: int | None = None) -> AsyncIterator[bytes]:
         """A pet's log; with `follow`, what comes next too (see `Sandbox.logs`)."""
         return self._client._chunks(_calls.logs_call(self.id, follow=follow, tail=tail))

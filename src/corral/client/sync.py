@@ -352,6 +352,10 @@ class Sandbox:
         `volume` its processes keep running; with one it restarts with its files."""
         return self._apply(_calls.promote_call(self.id, name, volume, restart))
 
+    def restart(self) -> models.Sandbox:
+        """Supervise this failed pet again (after fixing what made it crash-loop)."""
+        return self._apply(_calls.restart_call(self.id))
+
     def logs(self, *, follow: bool = False, tail: int | None = None) -> Iterator[bytes]:
         """A pet's log (the last `tail` bytes, or all); with `follow`, what comes
         next too, until the pet is destroyed or the iterator is closed."""

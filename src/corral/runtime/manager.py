@@ -300,6 +300,8 @@ class SandboxManager:
                 sandbox_id=record.id,
                 hint="claim a sandbox from the pool (`corral create --from-pool`)",
             )
+        if record.state == SandboxState.FAILED and record.kind == "persistent":
+            return record  # a pet failed by its crash loop: its sandbox runs, to be looked at
         if record.state != SandboxState.RUNNING:
             raise InvalidStateError(
                 f"sandbox is {record.state}, not running",

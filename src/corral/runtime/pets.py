@@ -173,6 +173,21 @@ class PetManager:
         self.log(promoted, f"promoted from {record.id} (CPUs {pinned})")
         return promoted
 
+    def restart(self, sandbox_id: str, *, tenant: str | None = None) -> SandboxRecord:
+        """Supervise a failed pet again (after its crash loop was looked into and
+        fixed): it is running again and the supervisor starts its service, with
+        the count of failures in a row starting over."""
+        record = self.manager.store.get(sandbox_id, tenant=tenant)
+        if record.kind != "persistent" or record.state != SandboxState.FAILED:
+            raise InvalidStateError(
+                f"only a failed pet is restarted (this one is a {record.kind} sandbox,"
+                f" {record.state})",
+                sandbox_id=record.id,
+                hint="a running pet's service restarts by itself when it exits",
+            )
+        self.log(record, "restarted by request: supervised again")
+        return self.manager.store.update(record.id, state=SandboxState.STOPPED, error=None)
+
     async def _recreate_with_files(
         self, record: SandboxRecord, name: str, pet: dict[str, Any], pinned: str
     ) -> None:

@@ -54,6 +54,13 @@ async def promote(request: Request, sandbox_id: str, body: Promotion, caller: Ca
     return Sandbox.from_record(record)
 
 
+@router.post("/sandboxes/{sandbox_id}/restart", response_model=Sandbox)
+async def restart(request: Request, sandbox_id: str, caller: CallerDep) -> Sandbox:
+    """Supervise a failed pet again (its crash loop looked into and fixed)."""
+    record = runtime_of(request.app).manager.pets.restart(sandbox_id, tenant=caller.scope)
+    return Sandbox.from_record(record)
+
+
 @router.get(
     "/sandboxes/{sandbox_id}/logs",
     response_class=StreamingResponse,
