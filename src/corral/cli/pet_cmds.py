@@ -43,6 +43,11 @@ async def create_pet(target: Target, template: str, **options: Any) -> Sandbox:
         if target.runtime is not None:
             fields["runtime"] = target.runtime
         record = await target.manager.pets.create(template, progress=True, **fields)
+        if record.spec["pet"].get("service") is not None:
+            sys.stderr.write(
+                "note: the service starts when `corral serve` runs on this host"
+                " (its supervisor runs pets' services)\n"
+            )
         return Sandbox.from_record(record)
     assert isinstance(target, RemoteTarget)
     if target.runtime is not None:
