@@ -73,6 +73,8 @@ def fake_manager(tmp_path: Path) -> Iterator[SandboxManager]:
 async def test_a_pet_needs_a_name_and_is_never_reaped(fake_manager: SandboxManager) -> None:
     with pytest.raises(UserError, match="needs a name"):
         await fake_manager.create(pet_template())
+    with pytest.raises(UserError, match="is not a pet name"):
+        await fake_manager.create(pet_template(), name="../escape")
     pet = await fake_manager.create(pet_template(), name="keeper", timeout=1)
     assert (pet.kind, pet.expires_at, pet.name) == ("persistent", None, "keeper")
     assert await fake_manager.reap(now=time.time() + 10**6) == []

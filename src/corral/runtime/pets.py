@@ -15,6 +15,7 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["RESTART_POLICIES", "PetManager"]
 
 RESTART_POLICIES = ("always", "on-failure")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 LOG_ROTATE_BYTES = 16 << 20
 _HOLDING = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.STOPPED)
 
@@ -386,6 +388,8 @@ def _pet_name(name: str | None) -> str:
             "a persistent sandbox needs a name",
             hint="give it one with --name NAME (unique among your sandboxes)",
         )
+    if not _NAME.fullmatch(name):  # it names the volume's directory and the log file
+        raise UserError(f"'{name}' is not a pet name", hint="use a-z, 0-9, '.', '_', '-' (max 63)")
     return name
 
 
