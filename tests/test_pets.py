@@ -89,16 +89,21 @@ async def test_a_pet_needs_a_name_and_is_never_reaped(fake_manager: SandboxManag
 async def test_cpus_are_pinned_exclusively_and_refused_when_none_left(
     fake_manager: SandboxManager,
 ) -> None:
+    assert (await fake_manager.create("default")).limits["cpuset"] is None
     a = await fake_manager.pets.create("default", name="a", cpus=2, memory="64M")
-    b = await fake_manager.pets.create("default", name="b", cpus=0.5, memory="64M")
     assert parse_cpus(a.limits["cpuset"]) == {0, 1}
+    # Cattle keep off pets' CPUs while some are left ...
+    assert (await fake_manager.create("default")).limits["cpuset"] == "2"
+    assert (await fake_manager.create("default", cpuset="0")).limits["cpuset"] == "0"
+    b = await fake_manager.pets.create("default", name="b", cpus=0.5, memory="64M")
     assert parse_cpus(b.limits["cpuset"]) == {2}
+    # ... and share them when pets hold every CPU.
+    assert (await fake_manager.create("default")).limits["cpuset"] is None
     with pytest.raises(QuotaExceededError, match=r"1 CPU\(s\) of its own and 0 .* free"):
         await fake_manager.pets.create("default", name="c", memory="64M")
     with pytest.raises(QuotaExceededError, match="pinned to other pets"):
         await fake_manager.pets.create("default", name="c", cpuset="1", memory="64M")
-    # Ephemeral sandboxes do not take pinned CPUs.
-    await fake_manager.create("default", memory="64M")
+    # Ephemeral sandboxes do not hold pinned CPUs.
     await fake_manager.destroy(a.id)
     c = await fake_manager.pets.create("default", name="c", cpuset="1", memory="64M")
     assert c.limits["cpuset"] == "1"
@@ -259,6 +264,9 @@ async def test_promotion_keeps_the_processes_running(oci_manager: SandboxManager
     allowed = await sh(oci_manager, pet, "grep Cpus_allowed_list /proc/self/status")
     assert allowed.split()[-1] == pinned
     assert await oci_manager.reap(now=time.time() + 10**6) == []
+    later = await oci_manager.create("default", memory="64M")
+    cattle_cpus = (await sh(oci_manager, later, "grep Cpus_allowed_list /proc/self/status")).split()
+    assert set(parse_cpus(cattle_cpus[-1])).isdisjoint(parse_cpus(pinned))
     with pytest.raises(InvalidStateError, match="already persistent"):
         await oci_manager.pets.promote(pet.id, name="twice")
 

@@ -177,6 +177,8 @@ class SandboxManager:
         # In a thread: a first build of a template can take a while, and a server's
         # other requests must not wait on it.
         image = await asyncio.to_thread(self.images.build, spec, progress=progress)
+        if pet is None and cpuset is None:
+            cpuset = self.pets.cattle_cpus()  # kept off the CPUs pinned to pets
         limits = _limits(spec, vcpus=cpus, memory=memory, pids=pids, disk=disk, cpuset=cpuset)
         mounts = template_mounts(spec, image.host_mounts) + list(extra_mounts)
         sandbox_id = new_sandbox_id()

@@ -30,7 +30,7 @@ from corral.errors import (
     UnsupportedError,
     UserError,
 )
-from corral.runtime.cpus import PetCapacity, parse_cpus
+from corral.runtime.cpus import PetCapacity, format_cpus, parse_cpus
 from corral.runtime.state import SandboxState
 from corral.runtime.volumes import VolumeStore
 from corral.spec.template import Template, Volume, load_template, parse_template
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["RESTART_POLICIES", "PetManager"]
 
 RESTART_POLICIES = ("always", "on-failure")
+PINNED_TTL = 2.0
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 LOG_ROTATE_BYTES = 16 << 20
 _HOLDING = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.STOPPED)
@@ -61,6 +62,7 @@ class PetManager:
         # One allocation at a time on this host: CPUs and memory are picked from the
         # live pets' records, then the new record is inserted, under this lock.
         self._allocating = asyncio.Lock()
+        self._pinned: tuple[float, frozenset[int]] | None = None  # (when read, CPUs)
 
     # -- create / promote -----------------------------------------------------
 
@@ -109,6 +111,8 @@ class PetManager:
             except BaseException:
                 self.volumes.unmount(mounted)
                 raise
+            finally:
+                self._pinned = None
         self.log(record, f"created (CPUs {pinned}, volume {size >> 20} MiB at {mount.target})")
         return record
 
@@ -172,6 +176,7 @@ class PetManager:
                 expires_at=None,
                 spec=new_spec | {"pet": pet},
             )
+            self._pinned = None
         self.log(promoted, f"promoted from {record.id} (CPUs {pinned})")
         return promoted
 
@@ -224,10 +229,24 @@ class PetManager:
 
     def _allocate(self, limits: SandboxLimits) -> str:
         """Pinned CPUs for a new pet, after checking its memory fits (lock held)."""
+        self._pinned = None  # a pet is coming: cattle move off its CPUs from now on
         pets = self.live_pets()
         taken = set().union(*(parse_cpus(p.limits.get("cpuset")) for p in pets))
         self.capacity.check_memory(limits.memory, [int(p.limits["memory"]) for p in pets])
         return self.capacity.pick_cpus(limits.vcpus, taken, limits.cpuset)
+
+    def cattle_cpus(self) -> str | None:
+        """The CPUs a new ephemeral sandbox runs on: those no pet is pinned to (None
+        while no pet is pinned, or when pets hold them all). Read from the store at
+        most every PINNED_TTL seconds; this process's own pet changes reset it."""
+        now = time.monotonic()
+        if self._pinned is None or now - self._pinned[0] > PINNED_TTL:
+            pinned = frozenset().union(
+                *(parse_cpus(p.limits.get("cpuset")) for p in self.live_pets())
+            )
+            self._pinned = (now, pinned)
+        free = self.capacity.cpus - self._pinned[1]
+        return format_cpus(free) if self._pinned[1] and free else None
 
     def live_pets(self) -> builtins.list[SandboxRecord]:
         """Pets that hold CPUs and memory on this backend (a failed pet too, until
@@ -240,6 +259,7 @@ class PetManager:
 
     def released(self, record: SandboxRecord) -> None:
         """After a pet's sandbox is destroyed: unmount its volume (the data stays)."""
+        self._pinned = None
         if record.name:
             self.volumes.unmount(self.volumes.volume(record.tenant, record.name))
         self.log(record, "destroyed (volume kept)")
