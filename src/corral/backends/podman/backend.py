@@ -97,6 +97,7 @@ class PodmanBackend(Backend):
     """Sandboxes as Podman containers; see the module docstring."""
 
     name: ClassVar[str] = "podman"
+    runtimes: ClassVar[tuple[str, ...]] = ("crun", "runc", "runsc")
 
     def __init__(
         self,
@@ -197,7 +198,11 @@ class PodmanBackend(Backend):
                 backend=self.name,
                 hint="rebuild the image (`corral images build --force`)",
             )
-        image_name = await self.images.ensure(image, config.sandbox_id)
+        podman_runtime = runtime
+        if runtime == "runsc" and config.network == "egress":
+            podman_runtime = RUNSC_EGRESS
+        service = self.service(podman_runtime)
+        image_name = await self.images.ensure(image, config.sandbox_id, service)
         # The sandbox's ids as the host sees them: shifted by UID_BASE in a user namespace.
         shift = UID_BASE if get_runtime(runtime).user_namespace else 0
         scratch = make_scratch(
@@ -205,9 +210,6 @@ class PodmanBackend(Backend):
         )
         container = CONTAINER_PREFIX + config.sandbox_id
         cgroup_parent = f"{self.cgroup_parent}/{config.sandbox_id}"
-        podman_runtime = runtime
-        if runtime == "runsc" and config.network == "egress":
-            podman_runtime = RUNSC_EGRESS
         spec = container_spec(
             config,
             runtime=runtime,
@@ -219,7 +221,6 @@ class PodmanBackend(Backend):
             seccomp_profile=self.podman.seccomp_profile,
             host_loopback=self.egress_host_loopback,
         )
-        service = self.service(podman_runtime)
         created = await service.request("POST", "/containers/create", json=spec)
         if created.status_code != 201:
             raise self._start_error(config.sandbox_id, runtime, "create", created)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from corral.backends.base import ImageRef
 from corral.backends.podman.engine import Podman
+from corral.backends.podman.service import PodmanService
 from corral.errors import SandboxStartError
 
 IMAGE_REPOSITORY = "localhost/corral-image"
@@ -32,12 +33,15 @@ class ImageLoader:
         self.podman = podman
         self._present: set[str] = set()
 
-    async def ensure(self, image: ImageRef, sandbox_id: str) -> str:
-        """The podman name of `image`, loading it from its layout when missing."""
+    async def ensure(
+        self, image: ImageRef, sandbox_id: str, service: PodmanService | None = None
+    ) -> str:
+        """The podman name of `image`, loading it from its layout when missing.
+        With `service`, Podman's API says whether it is there (no podman process)."""
         name = image_name(image)
         if name in self._present:
             return name
-        if (await self.podman.run("image", "exists", name)).returncode != 0:
+        if not await self._exists(name, service):
             lock_path = self.podman.home / "images.lock"
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -49,6 +53,13 @@ class ImageLoader:
         self._present.add(name)
         return name
 
+    async def _exists(self, name: str, service: PodmanService | None) -> bool:
+        if service is not None:
+            answer = await service.request("GET", f"/images/{name}/exists")
+            if answer.status_code in (204, 404):
+                return answer.status_code == 204
+        return (await self.podman.run("image", "exists", name)).returncode == 0
+
     async def _load(self, image: ImageRef, name: str, sandbox_id: str) -> None:
         if image.layout is None or not (image.layout / "index.json").is_file():
             raise SandboxStartError(
@@ -57,12 +68,22 @@ class ImageLoader:
                 backend="podman",
                 hint="rebuild the image (`corral images build --force`)",
             )
-        source = f"oci:{image.layout}"
+        # `pull oci:<path>` names the image after the path, which must make a valid
+        # reference (no capitals, e.g. a state dir under /home/Alice): pull through a
+        # link relative to podman's cwd (its home) named by the digest instead.
+        link = self.podman.home / "layouts" / image.digest.removeprefix("sha256:")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(image.layout.resolve())
+        source = f"oci:{link.relative_to(self.podman.home)}"
         ref = _ref_name(image.layout, image.digest)
         if ref is not None:
             source += f":{ref}"
         policy = str(self.podman.home / "policy.json")
-        pulled = await self.podman.run("pull", "--quiet", "--signature-policy", policy, source)
+        try:
+            pulled = await self.podman.run("pull", "--quiet", "--signature-policy", policy, source)
+        finally:
+            link.unlink(missing_ok=True)
         if pulled.returncode != 0:
             raise SandboxStartError(
                 f"podman could not load image {image.digest[:19]} from {image.layout}",
