@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -37,7 +38,7 @@ from corral.backends.podman.images import IMAGE_REPOSITORY
 from corral.backends.podman.service import service_pids
 from corral.errors import SandboxStartError, UnsupportedError
 from corral.host.doctor import Check, run_checks
-from tests.conftest import Harness, require_binary, require_root
+from tests.conftest import Harness, require_binary, require_root, traversable_dir
 
 pytestmark = pytest.mark.runtime
 
@@ -359,3 +360,19 @@ async def test_snapshot_is_refused_where_criu_would_be_needed(
         for sandbox_id in h.created:
             await backend.destroy(sandbox_id)
         await backend.aclose()
+
+
+async def test_image_loads_under_a_state_dir_with_capitals(default_image: Any) -> None:
+    # `pull oci:<path>` names the image after the path; capitals are not allowed there.
+    require_root()
+    require_binary("podman")
+    root = traversable_dir("Podman-State")
+    backend = PodmanBackend(root)
+    try:
+        name = await backend.images.ensure(default_image.to_ref(), "sb-t-capitals")
+        listed = podman_cli(backend, "images", "--format", "{{.Repository}}:{{.Tag}}")
+        assert listed.stdout.split() == [name]
+        assert not any((root / "podman" / "layouts").iterdir()), "the load's link stayed"
+    finally:
+        await backend.aclose()
+        shutil.rmtree(root, ignore_errors=True)
