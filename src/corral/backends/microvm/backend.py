@@ -240,7 +240,6 @@ class MicrovmBackend(Backend):
         self._write_meta(sandbox_dir, meta)
         await self.start_vm(config.sandbox_id, meta)
         await self.wait_for_agent(config.sandbox_id, BOOT_DEADLINE)
-        await self.set_clock(config.sandbox_id)
 
     async def start_vm(self, sandbox_id: str, meta: VmMeta, *, incoming: bool = False) -> None:
         """Start the sandbox's QEMU (daemonized, in its host cgroup)."""
@@ -270,7 +269,8 @@ class MicrovmBackend(Backend):
             )
 
     async def wait_for_agent(self, sandbox_id: str, deadline: float) -> None:
-        """Until the guest agent answers; SandboxStartError (with the console) if it never does."""
+        """Until the guest agent answers, then set the guest's clock on that same
+        connection; SandboxStartError (with the console) if it never answers."""
         sandbox_dir = self._dir(sandbox_id)
         until = time.monotonic() + deadline
         while True:
@@ -297,15 +297,16 @@ class MicrovmBackend(Backend):
                         hint="the host may be overloaded (TCG); see the guest console",
                     ) from None
                 continue
-            await conn.close()
+            try:
+                await _set_clock(conn)
+            finally:
+                await conn.close()
             return
 
     async def set_clock(self, sandbox_id: str) -> None:
         """Set the guest's wall clock to the host's (after boot and after every restore)."""
-        now = time.time_ns()
         async with self._agent(sandbox_id) as conn:
-            await conn.send(b"T", struct.pack(">QI", now // 1_000_000_000, now % 1_000_000_000))
-            await conn.expect_result()
+            await _set_clock(conn)
 
     def _qemu_pid(self, sandbox_id: str) -> int | None:
         """The live QEMU process of this sandbox, checked by its command line."""
@@ -565,6 +566,12 @@ class MicrovmBackend(Backend):
                     break
                 parts.append(data)
         return b"".join(parts)
+
+
+async def _set_clock(conn: AgentConnection) -> None:
+    now = time.time_ns()
+    await conn.send(b"T", struct.pack(">QI", now // 1_000_000_000, now % 1_000_000_000))
+    await conn.expect_result()
 
 
 async def _feed(conn: AgentConnection, stdin: object) -> None:

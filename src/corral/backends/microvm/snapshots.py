@@ -175,7 +175,7 @@ async def _restore(
             else None,
             hint="a snapshot restores only with the same QEMU, kernel and bundle",
         ) from exc
-    await backend.set_clock(sandbox_id)
+    await backend.wait_for_agent(sandbox_id, RESTORE_DEADLINE)  # and sets the clock
 
 
 async def _wait_incoming(qmp: QmpSession) -> None:
