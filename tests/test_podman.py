@@ -251,6 +251,24 @@ async def test_api_service_is_started_on_demand_and_stopped_by_aclose(
     assert service_pids(home) == []
 
 
+async def test_api_service_ends_by_itself_when_idle(podman: Harness, state_root: Path) -> None:
+    home = state_root / "podman"
+    backend = PodmanBackend(state_root, service_idle_timeout=1)
+    podman.created.append("sb-t-idle")
+    await backend.create(podman.config(sandbox_id="sb-t-idle"))
+    assert len(service_pids(home)) == 1
+    for _poll in range(50):
+        if not service_pids(home):
+            break
+        await asyncio.sleep(0.2)
+    assert service_pids(home) == [], "an idle service outlived its timeout"
+    # The sandbox runs on without it, and the next call brings it back.
+    assert (await backend.exec("sb-t-idle", ExecRequest(["/bin/true"]))).ok
+    assert await backend.status("sb-t-idle") == BackendStatus.RUNNING
+    await backend.destroy("sb-t-idle")
+    await backend.aclose()
+
+
 # -- exec stdin, on both backends that run `<runtime> exec` --------------------------
 
 

@@ -75,17 +75,20 @@ class PodmanService:
         params: dict[str, str] | None = None,
     ) -> httpx.Response:
         """One API call; starts the service when nobody answers on its socket."""
-        for attempt in range(2):
+        attempts = 3  # the last try also covers a service that was just timing out
+        for attempt in range(attempts):
             try:
                 return await self._http().request(method, path, json=json, params=params)
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                if attempt:
+                if attempt == attempts - 1:
                     raise BackendUnavailableError(
                         f"podman's API service ({self.runtime}) stopped answering: {exc}",
                         backend="podman",
                         stderr_tail=_tail(self.log),
                         hint="run `corral doctor`",
                     ) from exc
+                if attempt:
+                    await asyncio.sleep(0.2)  # let a service that is exiting finish
                 await self.start()
         raise AssertionError("unreachable")
 
