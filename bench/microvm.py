@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from corral._sys import cgroups
 from corral.backends.base import ExecRequest, SandboxConfig, SandboxLimits
 from corral.backends.microvm import MicrovmBackend
 from corral.backends.microvm.backend import AGENT_PORTS
@@ -150,6 +151,7 @@ async def measure(runs: int, warmup: int) -> dict[str, Any]:
     finally:
         for sid in await backend.list_sandboxes():
             await backend.destroy(sid)
+        cgroups.remove(backend.cgroup_parent)  # the run's now-empty cgroup parent
         shutil.rmtree(work, ignore_errors=True)
     medians = {row: statistics.median(values) for row, values in rows.items()}
     return {

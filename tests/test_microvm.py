@@ -11,6 +11,7 @@ import asyncio
 import lzma
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from corral.backends.microvm.bundle import BundleStore
 from corral.backends.microvm.host import accelerator, tsc_khz
 from corral.backends.microvm.initramfs import write_initramfs
 from corral.backends.microvm.kernel import extract_vmlinux, modinfo, module_order
-from corral.errors import ImageBuildError, InvalidStateError
+from corral.errors import ExecError, ImageBuildError, InvalidStateError
 from tests.conftest import TEST_LABEL, require_binary, require_root
 
 pytestmark = pytest.mark.runtime
@@ -246,6 +247,25 @@ async def test_stats_come_from_inside_the_guest(origin: Origin) -> None:
     stats = await backend.stats(origin.sandbox_id)
     assert (stats.memory_limit, stats.pids_limit) == (256 << 20, 128)
     assert stats.cpu_seconds > 0  # QEMU's time, from the host cgroup
+
+
+async def test_a_vm_that_dies_is_stopped(origin: Origin) -> None:
+    backend = origin.backend
+    sid = origin.new_id()
+    await backend.restore(sid, origin.snapshot)
+    pid = backend._qemu_pid(sid)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if not _alive(pid):
+            break
+        await asyncio.sleep(0.05)
+    assert await backend.status(sid) == BackendStatus.STOPPED
+    with pytest.raises(ExecError) as info:
+        await backend.exec(sid, sh("true"))
+    assert info.value.sandbox_id == sid
+    await backend.destroy(sid)
+    assert await backend.status(sid) == BackendStatus.MISSING
 
 
 async def test_destroy_leaves_no_process_cgroup_or_file(origin: Origin) -> None:
