@@ -133,6 +133,29 @@ async def test_limits_and_lockdown_are_visible_in_podman_inspect(
     assert result.stdout == b"4096\n1000\n"
 
 
+async def test_running_sandbox_is_re_pinned(podman: Harness) -> None:
+    assert isinstance(podman.backend, PodmanBackend)
+    sid = await podman.sandbox(limits=SandboxLimits(cpuset="0"))
+    status = ExecRequest(["grep", "Cpus_allowed_list", "/proc/self/status"])
+    assert (await podman.backend.exec(sid, status)).stdout == b"Cpus_allowed_list:\t0\n"
+    await podman.backend.set_cpuset(sid, "1")
+    assert (await podman.backend.exec(sid, status)).stdout == b"Cpus_allowed_list:\t1\n"
+    # (Podman 4.3's inspect still shows the cpuset the container was created with.)
+
+
+async def test_writable_mount_belongs_to_the_sandbox_user(podman: Harness, tmp_path: Path) -> None:
+    assert isinstance(podman.backend, PodmanBackend)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    tmp_path.chmod(0o755)
+    mounts = [*podman.host_mounts, HostMount(volume, "/data", writable=True)]
+    sid = await podman.sandbox(mounts=mounts)
+    result = await podman.backend.exec(sid, ExecRequest(["/bin/sh", "-c", "echo kept > /data/f"]))
+    assert result.ok, result
+    assert (volume / "f").read_text() == "kept\n"
+    assert (volume / "f").stat().st_uid == UID_BASE + 1000  # the sandbox user, shifted
+
+
 def test_user_namespace_is_advertised_off_gvisor(state_root: Path) -> None:
     # runsc runs without one, as on the oci backend: gVisor's sentry is the boundary.
     for runtime, userns in (("crun", True), ("runc", True), ("runsc", False)):
@@ -352,6 +375,8 @@ async def test_gvisor_snapshot_and_restore_keep_processes_and_files(
         await asyncio.sleep(0.5)
         assert await read_count(backend, sid) > resumed, "the counter stopped"
         assert not any(backend.podman.restore_dir.iterdir()), "a staged restore was left"
+        with pytest.raises(UnsupportedError, match="cannot re-pin"):
+            await backend.set_cpuset(sid, "0")
     finally:
         for sandbox_id in h.created:
             await backend.destroy(sandbox_id)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -208,6 +209,9 @@ class PodmanBackend(Backend):
         scratch = make_scratch(
             sandbox_dir, size=config.limits.disk, uid=image.uid + shift, gid=image.gid + shift
         )
+        for mount in config.mounts:
+            if mount.writable:  # a pet's volume: the sandbox user's, as the host sees it
+                os.chown(mount.source, image.uid + shift, image.gid + shift)
         container = CONTAINER_PREFIX + config.sandbox_id
         cgroup_parent = f"{self.cgroup_parent}/{config.sandbox_id}"
         spec = container_spec(
@@ -344,6 +348,26 @@ class PodmanBackend(Backend):
 
     async def resume(self, sandbox_id: str) -> None:
         await self._simple(sandbox_id, "unpause")
+
+    async def set_cpuset(self, sandbox_id: str, cpuset: str) -> None:
+        meta = self._meta(sandbox_id)
+        if not get_runtime(meta.runtime).in_kernel:
+            raise UnsupportedError(
+                f"{meta.runtime} cannot re-pin a running sandbox",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                hint="pin it when creating it (limits.cpuset)",
+            )
+        done = await self.service(meta.podman_runtime).request(
+            "POST", f"/containers/{meta.container_id}/update", json={"cpu": {"cpus": cpuset}}
+        )
+        if done.status_code not in (200, 201, 204):
+            raise ExecError(
+                f"podman could not re-pin the sandbox to CPUs {cpuset} (HTTP {done.status_code})",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                stderr_tail=api_message(done),
+            )
 
     async def _simple(self, sandbox_id: str, verb: str) -> None:
         meta = self._meta(sandbox_id)
