@@ -19,9 +19,10 @@ import os
 import secrets
 import struct
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
 
+from corral.backends.base import ExecEvent, ExitStatus, Output
 from corral.errors import ExecError
 
 __all__ = ["AgentConnection", "AgentError", "connect", "encode_exec"]
@@ -102,6 +103,88 @@ class AgentConnection:
     async def request(self, kind: bytes, payload: bytes = b"") -> tuple[bytes, bytes]:
         await self.send(kind, payload)
         return await self.receive()
+
+    # -- the requests (docs/microvm.md) -----------------------------------------
+
+    async def exec_events(
+        self, payload: bytes, stdin: bytes | AsyncIterable[bytes] | None, guard: float | None
+    ) -> AsyncGenerator[ExecEvent, None]:
+        """Run the encoded exec request; yield its output, then its ExitStatus.
+
+        AgentError when the agent could not start it; TimeoutError when nothing
+        ended it by the monotonic time `guard` (the agent enforces the timeout
+        itself: this only catches a hung guest).
+        """
+        started = time.monotonic()
+        await self.send(b"E", payload)
+        await self.expect_result()
+        feeder = asyncio.create_task(self._feed(stdin)) if stdin is not None else None
+        try:
+            while True:
+                left = None if guard is None else max(0.1, guard - time.monotonic())
+                kind, data = await asyncio.wait_for(self.receive(), left)
+                if kind == b"O":
+                    yield Output("stdout", data)
+                elif kind == b"E":
+                    yield Output("stderr", data)
+                elif kind == b"X":
+                    code, flags = struct.unpack(">iI", data[:8])
+                    yield ExitStatus(
+                        exit_code=code,
+                        timed_out=bool(flags & 1),
+                        oom_killed=bool(flags & 2),
+                        duration=time.monotonic() - started,
+                        reason=data[8:].decode(errors="replace") or None,
+                    )
+                    return
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await feeder
+
+    async def _feed(self, stdin: bytes | AsyncIterable[bytes]) -> None:
+        if isinstance(stdin, bytes):
+            stdin = chunks_of(stdin)
+        async for chunk in stdin:
+            for start in range(0, len(chunk), CHUNK):
+                await self.send(b"I", chunk[start : start + CHUNK])
+        await self.send(b"i")
+
+    async def put_file(self, path: str, data: bytes, mode: int, uid: int, gid: int) -> None:
+        """Write a file as uid:gid; AgentError with the guest's errno on failure."""
+        await self.send(b"P", struct.pack(">III", mode, uid, gid) + _string(path))
+        async for chunk in chunks_of(data):
+            await self.send(b"I", chunk)
+        await self.send(b"i")
+        await self.expect_result()
+
+    async def get_file(self, path: str, max_bytes: int, uid: int, gid: int) -> bytes:
+        """Read a file as uid:gid; AgentError (EFBIG when over `max_bytes`) on failure."""
+        await self.send(b"G", struct.pack(">QII", max_bytes, uid, gid) + _string(path))
+        await self.expect_result()
+        parts: list[bytes] = []
+        while True:
+            kind, data = await self.receive()
+            if kind == b"d":
+                return b"".join(parts)
+            parts.append(data)
+
+    async def stats(self) -> dict[str, int]:
+        """What the agent measures inside the guest (see docs/microvm.md)."""
+        kind, payload = await self.request(b"S")
+        values: dict[str, int] = {}
+        for line in payload.decode(errors="replace").splitlines() if kind == b"S" else []:
+            key, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                values[key] = int(value)
+        return values
+
+    async def set_clock(self) -> None:
+        """Set the guest's wall clock to the host's."""
+        now = time.time_ns()
+        await self.send(b"T", struct.pack(">QI", now // 1_000_000_000, now % 1_000_000_000))
+        await self.expect_result()
 
     async def close(self) -> None:
         self.writer.close()

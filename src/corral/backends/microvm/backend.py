@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import struct
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,17 +31,13 @@ from corral.backends.base import (
     Capability,
     ExecEvent,
     ExecRequest,
-    ExitStatus,
-    Output,
     SandboxConfig,
     SandboxStats,
 )
-from corral.backends.microvm import hostcg
+from corral.backends.microvm import hostcg, vm
 from corral.backends.microvm.agent_client import (
-    CHUNK,
     AgentConnection,
     AgentError,
-    chunks_of,
     connect,
     encode_exec,
 )
@@ -52,7 +47,6 @@ from corral.backends.microvm.qemu import (
     DriveSpec,
     VmSpec,
     accelerator,
-    command_line,
     qmp_call,
     tsc_khz,
 )
@@ -79,8 +73,6 @@ BOOT_DEADLINE = 120.0  # seconds; TCG on a busy 2-core host can take 10+
 # nothing: one VM is one sandbox, and the guest kernel protects nothing from its
 # user that the host does not (the host holds QEMU in its own process and cgroup).
 _TCG_FLAGS = {"tcg": ("mitigations=off",)}
-# Longest a unix socket path may be (sun_path is 108 bytes with its NUL).
-_SUN_PATH_MAX = 107
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +168,7 @@ class MicrovmBackend(Backend):
         )
 
     async def _create(self, config: SandboxConfig, sandbox_dir: Path) -> None:
-        _check_socket_room(sandbox_dir, config.sandbox_id)
+        vm.check_socket_room(sandbox_dir, config.sandbox_id, AGENT_PORTS)
         image, limits = config.image, config.limits
         try:
             bundle = await asyncio.to_thread(self.bundles.bundle, image, config.mounts)
@@ -192,7 +184,7 @@ class MicrovmBackend(Backend):
                 hint=exc.hint,
             ) from exc
         overlay = sandbox_dir / "scratch.qcow2"
-        await _qemu_img(
+        await vm.qemu_img(
             "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(scratch), str(overlay)
         )
         mounts = [f"corral.mount={d.serial}:{d.fstype}:{d.target}:ro" for d in bundle.disks]
@@ -243,83 +235,21 @@ class MicrovmBackend(Backend):
 
     async def start_vm(self, sandbox_id: str, meta: VmMeta, *, incoming: bool = False) -> None:
         """Start the sandbox's QEMU (daemonized, in its host cgroup)."""
-        sandbox_dir = self._dir(sandbox_id)
         cgroup = hostcg.HostCgroup(meta.cgroup)
         cgroup.create(vcpus=meta.vcpus, memory=meta.memory_limit)
-        procs = cgroup.procs_files()
-        argv = command_line(meta.vm, sandbox_dir, incoming=incoming)
-        log = sandbox_dir / "qemu.log"
-        with open(log, "wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,
-                preexec_fn=lambda: hostcg.join(procs),
-            )
-            rc = await proc.wait()
-        if rc != 0:
-            raise SandboxStartError(
-                f"QEMU could not start the VM (exit {rc})",
-                sandbox_id=sandbox_id,
-                backend=self.name,
-                stderr_tail=_tail(log),
-                hint="run `corral doctor` to check the host",
-            )
+        await vm.start_qemu(sandbox_id, self._dir(sandbox_id), meta.vm, cgroup, incoming=incoming)
 
     async def wait_for_agent(self, sandbox_id: str, deadline: float) -> None:
-        """Until the guest agent answers, then set the guest's clock on that same
-        connection; SandboxStartError (with the console) if it never answers."""
-        sandbox_dir = self._dir(sandbox_id)
-        until = time.monotonic() + deadline
-        while True:
-            if self._qemu_pid(sandbox_id) is None:
-                raise SandboxStartError(
-                    "the VM stopped while booting",
-                    sandbox_id=sandbox_id,
-                    backend=self.name,
-                    stderr_tail=_tail(sandbox_dir / "console.log")
-                    or _tail(sandbox_dir / "qemu.log"),
-                    hint="see the guest console above; `corral doctor` checks the host",
-                )
-            try:
-                conn = await connect(
-                    sandbox_dir, AGENT_PORTS, deadline=min(2.0, until - time.monotonic())
-                )
-            except ExecError:
-                if time.monotonic() >= until:
-                    raise SandboxStartError(
-                        f"the guest agent did not answer within {deadline:.0f}s",
-                        sandbox_id=sandbox_id,
-                        backend=self.name,
-                        stderr_tail=_tail(sandbox_dir / "console.log"),
-                        hint="the host may be overloaded (TCG); see the guest console",
-                    ) from None
-                continue
-            try:
-                await _set_clock(conn)
-            finally:
-                await conn.close()
-            return
+        """Until the guest agent answers (and has the host's time); SandboxStartError if never."""
+        await vm.wait_for_agent(sandbox_id, self._dir(sandbox_id), AGENT_PORTS, deadline)
 
     async def set_clock(self, sandbox_id: str) -> None:
         """Set the guest's wall clock to the host's (after boot and after every restore)."""
         async with self._agent(sandbox_id) as conn:
-            await _set_clock(conn)
+            await conn.set_clock()
 
     def _qemu_pid(self, sandbox_id: str) -> int | None:
-        """The live QEMU process of this sandbox, checked by its command line."""
-        sandbox_dir = self._dir(sandbox_id)
-        try:
-            pid = int((sandbox_dir / "qemu.pid").read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, ValueError, IndexError):
-            return None
-        if state in ("Z", "X") or str(sandbox_dir).encode() not in cmdline:
-            return None
-        return pid
+        return vm.qemu_pid(self._dir(sandbox_id))
 
     async def destroy(self, sandbox_id: str) -> None:
         sandbox_dir = self._dir(sandbox_id)
@@ -378,8 +308,7 @@ class MicrovmBackend(Backend):
     async def stats(self, sandbox_id: str) -> SandboxStats:
         meta = self._meta(sandbox_id)
         async with self._agent(sandbox_id) as conn:
-            kind, payload = await conn.request(b"S")
-        guest = _parse_stats(payload if kind == b"S" else b"")
+            guest = await conn.stats()
         cgroup = hostcg.HostCgroup(meta.cgroup)
         return SandboxStats(
             # The guest's view: memory in use inside the VM, whose RAM is the limit.
@@ -397,8 +326,7 @@ class MicrovmBackend(Backend):
         """Everything the agent reports from inside the guest (see docs/microvm.md)."""
         self._meta(sandbox_id)
         async with self._agent(sandbox_id) as conn:
-            kind, payload = await conn.request(b"S")
-        return _parse_stats(payload if kind == b"S" else b"")
+            return await conn.stats()
 
     # -- snapshots -------------------------------------------------------------
 
@@ -439,7 +367,7 @@ class MicrovmBackend(Backend):
                 "the sandbox's VM is not running",
                 sandbox_id=sandbox_id,
                 backend=self.name,
-                stderr_tail=_tail(sandbox_dir / "console.log"),
+                stderr_tail=vm.tail(sandbox_dir / "console.log"),
                 hint="destroy it and create a new one",
             )
         try:
@@ -454,7 +382,7 @@ class MicrovmBackend(Backend):
                 f"the connection to the guest agent broke: {exc}",
                 sandbox_id=sandbox_id,
                 backend=self.name,
-                stderr_tail=_tail(sandbox_dir / "console.log"),
+                stderr_tail=vm.tail(sandbox_dir / "console.log"),
             ) from exc
         finally:
             await conn.close()
@@ -470,7 +398,6 @@ class MicrovmBackend(Backend):
                 backend=self.name,
                 hint="pass the command to run, e.g. ['/bin/true']",
             )
-        started = time.monotonic()
         payload = encode_exec(
             request.argv,
             {**meta.env, **request.env},
@@ -480,77 +407,43 @@ class MicrovmBackend(Backend):
             request.timeout,
             request.stdin is not None,
         )
+        # The agent enforces the timeout; the guard only catches a hung guest.
+        guard = None if request.timeout is None else time.monotonic() + request.timeout + 30
         async with self._agent(sandbox_id) as conn:
-            await conn.send(b"E", payload)
+            events = conn.exec_events(payload, request.stdin, guard)
             try:
-                await conn.expect_result()
+                async for event in events:
+                    yield event
             except AgentError as exc:
                 raise ExecError(
                     f"the guest agent could not start the command: {exc}",
                     sandbox_id=sandbox_id,
                     backend=self.name,
                 ) from None
-            feeder = (
-                asyncio.create_task(_feed(conn, request.stdin))
-                if request.stdin is not None
-                else None
-            )
-            # The agent enforces the timeout; this guard only catches a hung guest.
-            guard = None if request.timeout is None else started + request.timeout + 30
-            try:
-                while True:
-                    left = None if guard is None else max(0.1, guard - time.monotonic())
-                    try:
-                        kind, data = await asyncio.wait_for(conn.receive(), left)
-                    except TimeoutError:
-                        raise ExecError(
-                            "the guest agent did not end the command after its timeout",
-                            sandbox_id=sandbox_id,
-                            backend=self.name,
-                        ) from None
-                    if kind == b"O":
-                        yield Output("stdout", data)
-                    elif kind == b"E":
-                        yield Output("stderr", data)
-                    elif kind == b"X":
-                        code, flags = struct.unpack(">iI", data[:8])
-                        yield ExitStatus(
-                            exit_code=code,
-                            timed_out=bool(flags & 1),
-                            oom_killed=bool(flags & 2),
-                            duration=time.monotonic() - started,
-                            reason=data[8:].decode(errors="replace") or None,
-                        )
-                        return
+            except TimeoutError:
+                raise ExecError(
+                    "the guest agent did not end the command after its timeout",
+                    sandbox_id=sandbox_id,
+                    backend=self.name,
+                ) from None
             finally:
-                if feeder is not None:
-                    feeder.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await feeder
+                await events.aclose()
 
     # -- files -----------------------------------------------------------------
 
     async def put_file(self, sandbox_id: str, path: str, data: bytes, mode: int = 0o644) -> None:
         meta = self._meta(sandbox_id)
-        header = struct.pack(">III", mode, meta.uid, meta.gid) + _string(path)
         async with self._agent(sandbox_id) as conn:
-            await conn.send(b"P", header)
-            async for chunk in chunks_of(data):
-                await conn.send(b"I", chunk)
-            await conn.send(b"i")
             try:
-                await conn.expect_result()
+                await conn.put_file(path, data, mode, meta.uid, meta.gid)
             except AgentError as exc:
                 raise _file_error(sandbox_id, path, exc) from None
 
     async def get_file(self, sandbox_id: str, path: str, max_bytes: int) -> bytes:
         meta = self._meta(sandbox_id)
-        request = struct.pack(">QII", max_bytes, meta.uid, meta.gid) + _string(path)
-        parts: list[bytes] = []
         async with self._agent(sandbox_id) as conn:
-            await conn.send(b"G", request)
             try:
-                await conn.expect_result()
+                return await conn.get_file(path, max_bytes, meta.uid, meta.gid)
             except AgentError as exc:
                 if exc.code == errno.EFBIG:
                     raise FileTooLargeError(
@@ -560,43 +453,6 @@ class MicrovmBackend(Backend):
                         hint="raise the limit (--max-size) or copy a smaller file",
                     ) from None
                 raise _file_error(sandbox_id, path, exc) from None
-            while True:
-                kind, data = await conn.receive()
-                if kind == b"d":
-                    break
-                parts.append(data)
-        return b"".join(parts)
-
-
-async def _set_clock(conn: AgentConnection) -> None:
-    now = time.time_ns()
-    await conn.send(b"T", struct.pack(">QI", now // 1_000_000_000, now % 1_000_000_000))
-    await conn.expect_result()
-
-
-async def _feed(conn: AgentConnection, stdin: object) -> None:
-    if isinstance(stdin, bytes):
-        async for chunk in chunks_of(stdin):
-            await conn.send(b"I", chunk)
-    else:
-        async for chunk in stdin:  # type: ignore[attr-defined]
-            for start in range(0, len(chunk), CHUNK):
-                await conn.send(b"I", chunk[start : start + CHUNK])
-    await conn.send(b"i")
-
-
-def _string(value: str) -> bytes:
-    data = value.encode()
-    return struct.pack(">I", len(data)) + data
-
-
-def _parse_stats(payload: bytes) -> dict[str, int]:
-    values: dict[str, int] = {}
-    for line in payload.decode(errors="replace").splitlines():
-        key, _, value = line.partition(" ")
-        with contextlib.suppress(ValueError):
-            values[key] = int(value)
-    return values
 
 
 def _file_error(sandbox_id: str, path: str, exc: AgentError) -> NotFoundError:
@@ -606,43 +462,3 @@ def _file_error(sandbox_id: str, path: str, exc: AgentError) -> NotFoundError:
         backend="microvm",
         hint="check the path exists and is writable by the sandbox user (e.g. under /work or /tmp)",
     )
-
-
-def _check_socket_room(sandbox_dir: Path, sandbox_id: str) -> None:
-    longest = sandbox_dir / f"port-{AGENT_PORTS - 1}.sock"
-    if len(str(longest)) > _SUN_PATH_MAX:
-        raise SandboxStartError(
-            f"the sandbox directory {sandbox_dir} is too long for unix sockets",
-            sandbox_id=sandbox_id,
-            backend="microvm",
-            hint="use a shorter state directory or sandbox id",
-        )
-
-
-async def _qemu_img(*args: str) -> None:
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-img",
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except FileNotFoundError as exc:
-        raise BackendUnavailableError(
-            "qemu-img is not installed", backend="microvm", hint="apt-get install qemu-utils"
-        ) from exc
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise ExecError(
-            f"qemu-img {args[0]} failed (exit {proc.returncode})",
-            backend="microvm",
-            stderr_tail=err.decode(errors="replace")[-800:],
-        )
-
-
-def _tail(path: Path, limit: int = 1500) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except OSError:
-        return ""
