@@ -188,6 +188,9 @@ async def test_fork_gives_each_sandbox_its_own_overlay(origin: Origin) -> None:
         mine = await backend.get_file(sid, "/work/mine", 100)
         assert mine == f"{index}\n".encode()
         assert await count(backend, sid) > 0
+    # Each fork's kernel RNG was reseeded on restore: no two draw the same bytes.
+    draws = [await backend.exec(sid, sh("head -c 16 /dev/urandom | od -An -tx1")) for sid in forks]
+    assert draws[0].stdout != draws[1].stdout, draws
     overlays = {backend._dir(sid) / "scratch.qcow2" for sid in forks}
     assert len(overlays) == 2
     assert all(path.is_file() for path in overlays)

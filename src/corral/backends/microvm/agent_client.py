@@ -181,9 +181,11 @@ class AgentConnection:
         return values
 
     async def set_clock(self) -> None:
-        """Set the guest's wall clock to the host's."""
+        """Set the guest's wall clock to the host's and reseed its RNG (32 fresh bytes):
+        every VM restored from one snapshot starts with the same RNG state."""
         now = time.time_ns()
-        await self.send(b"T", struct.pack(">QI", now // 1_000_000_000, now % 1_000_000_000))
+        clock = struct.pack(">QI", now // 1_000_000_000, now % 1_000_000_000)
+        await self.send(b"T", clock + secrets.token_bytes(32))
         await self.expect_result()
 
     async def close(self) -> None:

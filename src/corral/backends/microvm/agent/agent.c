@@ -35,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <grp.h>
+#include <linux/random.h>
 
 #define MAX_PORTS 16
 #define MAX_FRAME (1u << 20)
@@ -532,6 +533,26 @@ static void send_stats(port_t *p) {
     send_frame(p, 'S', text, (size_t)n);
 }
 
+/* Mix the host's seed into the guest's RNG and reseed it at once: VMs restored
+ * from one snapshot would otherwise share their kernel RNG's state. */
+static int reseed(const unsigned char *seed, size_t len) {
+    struct {
+        int entropy_count;
+        int buf_size;
+        unsigned char buf[64];
+    } entropy;
+    if (len > sizeof entropy.buf) len = sizeof entropy.buf;
+    entropy.entropy_count = (int)len * 8;
+    entropy.buf_size = (int)len;
+    memcpy(entropy.buf, seed, len);
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = ioctl(fd, RNDADDENTROPY, &entropy);
+    if (rc == 0) rc = ioctl(fd, RNDRESEEDCRNG);
+    close(fd);
+    return rc;
+}
+
 static void set_clock(port_t *p, rd_t *r) {
     uint64_t sec = rd_u64(r);
     uint32_t nsec = rd_u32(r);
@@ -540,6 +561,8 @@ static void set_clock(port_t *p, rd_t *r) {
         send_result(p, EINVAL, "malformed clock request");
     } else if (clock_settime(CLOCK_REALTIME, &ts)) {
         send_result(p, errno, strerror(errno));
+    } else if (r->left && reseed(r->p, r->left)) {
+        send_result(p, errno, "reseeding the RNG failed");
     } else {
         send_result(p, 0, NULL);
     }
