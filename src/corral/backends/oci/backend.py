@@ -137,7 +137,7 @@ class OciBackend(Backend):
     async def create(self, config: SandboxConfig) -> None:
         runtime = get_runtime(config.runtime or self.default_runtime)
         runtime.binary()
-        refuse_network(config, self.name, "use network='none', or the podman backend later")
+        refuse_network(config, self.name, "use network='none', or the podman backend for egress")
         sandbox_dir = claim_dir(self.sandboxes_dir, config.sandbox_id, self.name)
         await released_on_failure(
             self._create(config, runtime, sandbox_dir), self.destroy, config.sandbox_id
