@@ -56,6 +56,8 @@ class PoolStatus:
 
 
 ClaimObserver = Callable[[Claim], None]
+# How long a claim may use a pool definition it read before (see PoolManager._pool).
+POOL_CACHE_SECONDS = 2.0
 
 
 class PoolManager:
@@ -83,6 +85,7 @@ class PoolManager:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._refilling: set[tuple[str, str]] = set()
+        self._cached: dict[tuple[str, str], tuple[Pool, float]] = {}
 
     async def __aenter__(self) -> PoolManager:
         self.start()
@@ -170,11 +173,25 @@ class PoolManager:
         any more); the ids destroyed. Members still starting go at the next pass."""
         self.store.pools.remove(tenant, name)
         self.errors.pop((tenant, name), None)
+        self._cached.pop((tenant, name), None)
         destroyed = []
         for member in self.store.pools.members(tenant, name):
             if await self._discard(member):
                 destroyed.append(member.id)
         return destroyed
+
+    def _pool(self, tenant: str, name: str, *, fresh: bool = False) -> Pool:
+        """The pool's definition, read at most every POOL_CACHE_SECONDS for claims
+        (it only changes by resize, which claims do not read). A claim's member
+        comes from the store's compare-and-set, never from this cache."""
+        key = (tenant, name)
+        cached = self._cached.get(key)
+        now = time.monotonic()
+        if not fresh and cached is not None and now - cached[1] < POOL_CACHE_SECONDS:
+            return cached[0]
+        pool = self.store.pools.get(tenant, name)
+        self._cached[key] = (pool, now)
+        return pool
 
     def _status(self, pool: Pool, members: builtins.list[SandboxRecord]) -> PoolStatus:
         states = [m.state for m in members]
@@ -202,7 +219,7 @@ class PoolManager:
         with the pool's settings. The claimant's timeout, labels, metadata and name
         are set on it either way."""
         started = time.perf_counter()
-        pool = self.store.pools.get(tenant, pool_name)
+        pool = self._pool(tenant, pool_name)
         if timeout is not None and timeout <= 0:
             raise UserError("a timeout must be positive", hint="e.g. 600 (seconds)")
         seconds = timeout if timeout is not None else float(pool.spec["template_spec"]["timeout"])
@@ -215,6 +232,7 @@ class PoolManager:
         record = self.store.pools.claim(tenant, pool_name, changes)
         from_pool = record is not None
         if record is None:
+            pool = self._pool(tenant, pool_name, fresh=True)  # NotFoundError if removed
             record = await self._create(
                 pool, timeout=seconds, labels=changes.labels, metadata=changes.metadata, name=name
             )

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 
 from corral.errors import ConflictError, NotFoundError, StoreError, UserError
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 _POOL_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 # A claim retries when another claimant took the member it aimed at; each retry
-# aims at a member that was idle a moment ago, so this bound is never reached in
-# practice unless the pool is being drained faster than it can be read.
+# aims at a member that was idle a moment ago, so this bound is only reached when
+# the pool is drained faster than it can be read (the claim then falls back cold).
 _CLAIM_ATTEMPTS = 64
 
 
@@ -176,37 +176,23 @@ class Pools:
     def claim(self, tenant: str, name: str, changes: ClaimChanges) -> SandboxRecord | None:
         """Take the oldest running member out of the pool and write `changes` on it,
         atomically; None when the pool has no running member left."""
-        from corral.store.db import _columns, _row_to_record
+        from corral.store.db import _row_to_record
 
-        idle = (sandboxes.c.tenant == tenant) & (sandboxes.c.pool == name)
-        oldest = (
-            select(sandboxes.c.id)
-            .where(idle & (sandboxes.c.state == "running"))
-            .order_by(sandboxes.c.created_at, sandboxes.c.id)
-            .limit(1)
-            .scalar_subquery()
-        )
-        values = _columns({"labels": changes.labels, "metadata": changes.metadata})
-        values.update(pool=None, name=changes.name, owner=changes.owner)
-        values.update(expires_at=changes.expires_at, updated_at=time.time())
-        # The compare-and-set: `pool = NAME` is checked again on the row being updated,
-        # so two claimants that picked the same member cannot both get it (PostgreSQL
-        # re-evaluates the condition after the first commits; SQLite runs the statement
-        # under its write lock). The loser retries with the next member.
-        statement = (
-            sandboxes.update()
-            .where((sandboxes.c.id == oldest) & idle & (sandboxes.c.state == "running"))
-            .values(**values)
-            .returning(*sandboxes.c)
-        )
+        params = {
+            "c_tenant": tenant,
+            "c_pool": name,
+            "c_name": changes.name,
+            "c_owner": changes.owner,
+            "c_labels": json.dumps(dict(changes.labels), sort_keys=True),
+            "c_meta": json.dumps(dict(changes.metadata), sort_keys=True),
+            "c_expires": changes.expires_at,
+            "c_now": time.time(),
+        }
         for _attempt in range(_CLAIM_ATTEMPTS):
             try:
                 with self.store._begin() as conn:
-                    row = conn.execute(statement).first()
-                    if row is None:
-                        left = conn.execute(
-                            select(func.count()).where(idle & (sandboxes.c.state == "running"))
-                        ).scalar()
+                    row = conn.execute(_CLAIM, params).first()
+                    left = 0 if row is not None else conn.execute(_IDLE_COUNT, params).scalar()
             except StoreError as error:
                 if isinstance(error.__cause__, IntegrityError) and changes.name:
                     raise ConflictError(
@@ -238,6 +224,40 @@ class Pools:
         )
         with self.store._begin() as conn:
             return bool(conn.execute(statement).rowcount)
+
+
+# The claim, built once (a claim is on the hot path: building the statement costs
+# more than running it). The compare-and-set: `pool = :c_pool` is checked again on
+# the row being updated, so two claimants that picked the same member cannot both get
+# it (PostgreSQL re-evaluates the condition after the first commits; SQLite runs the
+# statement under its write lock). The loser retries with the next member.
+_READY = (
+    (sandboxes.c.tenant == bindparam("c_tenant"))
+    & (sandboxes.c.pool == bindparam("c_pool"))
+    & (sandboxes.c.state == "running")
+)
+_OLDEST = (
+    select(sandboxes.c.id)
+    .where(_READY)
+    .order_by(sandboxes.c.created_at, sandboxes.c.id)
+    .limit(1)
+    .scalar_subquery()
+)
+_CLAIM = (
+    sandboxes.update()
+    .where((sandboxes.c.id == _OLDEST) & _READY)
+    .values(
+        pool=None,
+        name=bindparam("c_name"),
+        owner=bindparam("c_owner"),
+        labels=bindparam("c_labels"),
+        meta=bindparam("c_meta"),
+        expires_at=bindparam("c_expires"),
+        updated_at=bindparam("c_now"),
+    )
+    .returning(*sandboxes.c)
+)
+_IDLE_COUNT = select(func.count()).where(_READY)
 
 
 def merged_labels(pool: Pool, labels: Mapping[str, str] | None) -> dict[str, str]:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
@@ -24,6 +25,8 @@ _CHUNK = 65536
 EXEC_TOKEN_VAR = "CORRAL_EXEC_ID"
 # `runsc exec` exits 128 when the sandbox itself went away under the command.
 GVISOR_SANDBOX_DIED = 128
+# A standby shell (standby.py) that cannot find the command it was to exec.
+STANDBY_MISSING_COMMAND = re.compile(r"^/bin/sh: \d+: exec: .*: not found$", re.MULTILINE)
 
 
 def ps_table(text: str) -> list[tuple[int, int]]:
@@ -63,7 +66,9 @@ def exit_status(
     if rc < 0:
         rc = 128 - rc
     text = stderr_tail.decode(errors="replace")
-    if rc in (127, 128, 255) and runtime.missing_command.search(text):
+    if rc in (127, 128, 255) and (
+        runtime.missing_command.search(text) or STANDBY_MISSING_COMMAND.search(text)
+    ):
         return ExitStatus(127, duration=duration, reason=f"command not found: {request.argv[0]}")
     if sandbox_died and not runtime.missing_command.search(text):
         return ExitStatus(
@@ -144,6 +149,19 @@ async def stream_process(
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
+    async with contextlib.aclosing(follow_process(proc, request, kill, started)) as events:
+        async for event in events:
+            yield event
+
+
+async def follow_process(
+    proc: asyncio.subprocess.Process,
+    request: ExecRequest,
+    kill: Callable[[int], Awaitable[None]],
+    started: float,
+) -> AsyncGenerator[Output | Finished, None]:
+    """`stream_process` for a process already started (in a session of its own, with
+    stdout and stderr piped, and stdin piped when `request.stdin` is given)."""
     queue: asyncio.Queue[Output | None] = asyncio.Queue()
     tasks = [
         asyncio.create_task(pump(proc.stdout, "stdout", queue)),
