@@ -252,6 +252,41 @@ async def test_stats_come_from_inside_the_guest(origin: Origin) -> None:
     assert stats.cpu_seconds > 0  # QEMU's time, from the host cgroup
 
 
+async def test_warm_start_restores_later_sandboxes_of_a_kind(
+    state_root: Path, default_image: Any
+) -> None:
+    backend = MicrovmBackend(state_root, warm_start=True)
+    limits = SandboxLimits(memory=192 << 20, pids=100, disk=48 << 20)
+    ids = [f"mvw-{os.urandom(4).hex()}" for _ in range(2)]
+    try:
+        for index, sid in enumerate(ids):
+            await backend.create(
+                SandboxConfig(
+                    sandbox_id=sid,
+                    image=default_image.to_ref(),
+                    limits=limits,
+                    env={"WHO": f"sandbox-{index}"},
+                    mounts=list(default_image.host_mounts),
+                    labels=TEST_LABEL,
+                )
+            )
+        first, second = (backend._meta(sid) for sid in ids)
+        assert first.restored_from is None  # booted cold, then snapshotted as the warm start
+        assert second.restored_from is not None
+        assert Path(second.restored_from).parent == backend.warm_dir
+        for index, sid in enumerate(ids):
+            who = await backend.exec(sid, sh('echo "$WHO"; date +%s; ls /work'))
+            lines = who.stdout.decode().split("\n")
+            assert lines[0] == f"sandbox-{index}", who
+            assert abs(int(lines[1]) - time.time()) < 5, who
+        # Writes of one do not reach the other, nor the next sandbox of the kind.
+        await backend.put_file(ids[1], "/work/private", b"x")
+        assert (await backend.exec(ids[0], sh("ls /work"))).stdout == b""
+    finally:
+        for sid in ids:
+            await backend.destroy(sid)
+
+
 async def test_a_vm_that_dies_is_stopped(origin: Origin) -> None:
     backend = origin.backend
     sid = origin.new_id()

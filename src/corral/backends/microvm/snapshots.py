@@ -15,10 +15,13 @@ guest's clock through the agent (the guest wakes up at its snapshot time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import os
 import shlex
 import shutil
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +34,7 @@ from corral.errors import ExecError, InvalidStateError, NotFoundError, SandboxSt
 if TYPE_CHECKING:
     from corral.backends.microvm.backend import MicrovmBackend, VmMeta
 
-__all__ = ["fork", "restore", "snapshot"]
+__all__ = ["fork", "restore", "save_warm", "snapshot", "warm_start"]
 
 RESTORE_DEADLINE = 60.0
 # QEMU rate-limits migration (to 128 MiB/s by default): to a local file, don't.
@@ -132,7 +135,10 @@ async def _restore(
     sandbox_dir: Path,
     source: Path,
     saved: VmMeta,
+    env: dict[str, str] | None = None,
 ) -> None:
+    """Restore into `sandbox_dir` (claimed by the caller); `env` replaces the
+    snapshot's exec environment (a warm start serves a new sandbox's config)."""
     overlay = sandbox_dir / "scratch.qcow2"
     await asyncio.to_thread(shutil.copyfile, source / "scratch.qcow2", overlay)
     spec = saved.vm
@@ -154,6 +160,7 @@ async def _restore(
         spec=vm.to_json(),
         cgroup=f"{backend.cgroup_parent}/{sandbox_id}",
         restored_from=str(source),
+        env=saved.env if env is None else env,
     )
     backend._write_meta(sandbox_dir, meta)
     for stale in ("qemu.pid", "qmp.sock", "console.log"):
@@ -189,3 +196,46 @@ async def _wait_incoming(qmp: QmpSession) -> None:
             raise ExecError(f"the incoming VM is {status}, not paused", backend="microvm")
         await asyncio.sleep(0.005)
     raise ExecError("the incoming migration did not finish", backend="microvm")
+
+
+async def warm_start(
+    backend: MicrovmBackend, sandbox_id: str, sandbox_dir: Path, warm: Path, env: dict[str, str]
+) -> bool:
+    """Start the new sandbox from the warm snapshot in `warm`, if there is a usable one.
+
+    False (and nothing left running) when there is none or it no longer restores;
+    a broken warm snapshot is removed so the next cold boot makes a new one.
+    """
+    from corral.backends.microvm.backend import VmMeta
+
+    try:
+        saved = VmMeta(**json.loads((warm / "snapshot.json").read_text())["meta"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    try:
+        await _restore(backend, sandbox_id, sandbox_dir, warm, saved, env)
+    except SandboxStartError:
+        pid = backend._qemu_pid(sandbox_id)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(warm, ignore_errors=True)
+        for leftover in sandbox_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+        return False
+    return True
+
+
+async def save_warm(backend: MicrovmBackend, sandbox_id: str, warm: Path) -> None:
+    """Snapshot a freshly booted sandbox (it keeps running) as the warm start for its kind."""
+    if warm.exists():
+        return
+    warm.parent.mkdir(parents=True, exist_ok=True)
+    temp = warm.with_name(f".{warm.name}-{os.getpid()}-{id(warm):x}")
+    try:
+        await snapshot(backend, sandbox_id, temp, keep_running=True)
+        temp.rename(warm)
+    except (ExecError, OSError):
+        pass  # the sandbox is fine; the next cold boot tries again
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
