@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import sys
@@ -37,6 +38,7 @@ from corral.store import Store  # noqa: E402
 LATENCY_TARGET_MS = 5.0
 CLAIMS_TARGET = 500.0
 ARGV = ["/bin/true"]
+POOL_SIZE = 4
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -57,7 +59,10 @@ async def measure(runs: int, claims: int, clients: int) -> dict[str, Any]:
     store = Store.for_state_dir(state)
     manager = SandboxManager(OciBackend(state), store, ImageStore(state / "images"))
     pools = PoolManager(manager, concurrency=2)
-    await pools.add("bench", size=1, fill=True)
+    # A few members, so the one claimed has idled a while (as in a pool at work)
+    # rather than being the member the previous refill just made.
+    await pools.add("bench", size=POOL_SIZE, fill=True)
+    load_before = os.getloadavg()[0]
     pooled: list[float] = []
     cold: list[float] = []
     try:
@@ -108,6 +113,7 @@ async def measure(runs: int, claims: int, clients: int) -> dict[str, Any]:
     pool_stats, cold_stats = summary(pooled), summary(cold)
     return {
         "host": platform.node(),
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "runs": runs,
         "pool_claim_first_exec": pool_stats,
         "cold_create_first_exec": cold_stats,
@@ -146,7 +152,9 @@ def main() -> None:
     console.print(
         f"pool is {report['speedup_p50']:.1f}x faster at p50; "
         f"{report['claims_per_second']:.0f} claims/s ({report['claims']} claims, "
-        f"{report['clients']} claimants); targets met: {report['targets']['met']}"
+        f"{report['clients']} claimants); targets met: {report['targets']['met']}; "
+        f"load average {report['load_average']['before']:.1f} -> "
+        f"{report['load_average']['after']:.1f} (other work on the host slows every path)"
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
