@@ -231,6 +231,19 @@ async def test_stopping_early_kills_the_command(origin: Origin) -> None:
     assert b"sleep 1234" not in ps.stdout, "the abandoned command still runs in the guest"
 
 
+async def test_a_paused_vm_refuses_requests_at_once(origin: Origin) -> None:
+    backend = origin.backend
+    sid = origin.new_id()
+    await backend.restore(sid, origin.snapshot)
+    await backend.pause(sid)
+    started = time.monotonic()
+    with pytest.raises(InvalidStateError):
+        await backend.exec(sid, sh("true"))
+    assert time.monotonic() - started < 2
+    await backend.resume(sid)
+    assert (await backend.exec(sid, sh("echo back"))).stdout == b"back\n"
+
+
 async def test_concurrent_commands_use_separate_ports(origin: Origin) -> None:
     backend = origin.backend
     script = "date +%s.%N; sleep 3; date +%s.%N"

@@ -163,6 +163,19 @@ async def test_memory_hog_is_killed_inside_the_vm(pair: Pair) -> None:
     assert await echo_latency(pair) < NEIGHBOUR_LATENCY
 
 
+async def test_cpu_spinner_is_held_to_the_vms_quota(pair: Pair) -> None:
+    # QEMU's host cgroup has a quota of `vcpus` CPUs: all the VM's work, emulation
+    # included, fits in it however hard the guest spins.
+    before = await pair.backend.stats(pair.noisy)
+    started = time.monotonic()
+    result = await run(pair, pair.noisy, [BINARY, "spin", "2", "3"], timeout=60)
+    wall = time.monotonic() - started
+    used = (await pair.backend.stats(pair.noisy)).cpu_seconds - before.cpu_seconds
+    assert result.exit_code == 0, result
+    assert used <= NOISY.vcpus * wall * 1.3 + 0.2, f"{used:.2f} cpu-s in {wall:.2f} s"
+    assert used >= NOISY.vcpus * wall * 0.4, f"the VM barely ran ({used:.2f} cpu-s)"
+
+
 async def test_disk_fill_stays_in_the_vms_scratch(pair: Pair) -> None:
     disk = NOISY.disk
     backend = pair.backend

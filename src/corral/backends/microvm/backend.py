@@ -56,6 +56,7 @@ from corral.errors import (
     CorralError,
     ExecError,
     FileTooLargeError,
+    InvalidStateError,
     NotFoundError,
     SandboxStartError,
     UnsupportedError,
@@ -314,11 +315,14 @@ class MicrovmBackend(Backend):
 
     async def pause(self, sandbox_id: str) -> None:
         self._meta(sandbox_id)
+        # The marker lets a request fail at once instead of waiting on a frozen agent.
+        (self._dir(sandbox_id) / "paused").touch()
         await qmp_call(self._dir(sandbox_id) / "qmp.sock", "stop")
 
     async def resume(self, sandbox_id: str) -> None:
         self._meta(sandbox_id)
         await qmp_call(self._dir(sandbox_id) / "qmp.sock", "cont")
+        (self._dir(sandbox_id) / "paused").unlink(missing_ok=True)
 
     async def stats(self, sandbox_id: str) -> SandboxStats:
         meta = self._meta(sandbox_id)
@@ -378,6 +382,13 @@ class MicrovmBackend(Backend):
                 backend=self.name,
                 stderr_tail=vm.tail(sandbox_dir / "console.log"),
                 hint="destroy it and create a new one",
+            )
+        if (sandbox_dir / "paused").exists():
+            raise InvalidStateError(
+                "the sandbox is paused",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                hint="resume it first",
             )
         try:
             conn = await connect(sandbox_dir, AGENT_PORTS, deadline=deadline)

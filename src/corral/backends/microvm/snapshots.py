@@ -67,12 +67,13 @@ async def snapshot(
                 shutil.copyfile, sandbox_dir / "scratch.qcow2", dest / "scratch.qcow2"
             )
         except BaseException:
-            await qmp.run("cont")
+            if not (sandbox_dir / "paused").exists():
+                await qmp.run("cont")
             raise
         record = {"meta": dataclasses.asdict(meta)}
         (dest / "snapshot.json").write_text(json.dumps(record, indent=2))
-        if keep_running:
-            await qmp.run("cont")
+        if keep_running and not (sandbox_dir / "paused").exists():
+            await qmp.run("cont")  # a sandbox the user paused stays paused
         else:
             await qmp.quit()
     if not keep_running:
@@ -163,7 +164,7 @@ async def _restore(
         env=saved.env if env is None else env,
     )
     backend._write_meta(sandbox_dir, meta)
-    for stale in ("qemu.pid", "qmp.sock", "console.log"):
+    for stale in ("qemu.pid", "qmp.sock", "console.log", "paused"):
         (sandbox_dir / stale).unlink(missing_ok=True)
     await backend.start_vm(sandbox_id, meta, incoming=True)
     memory = source / "memory"
