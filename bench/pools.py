@@ -129,15 +129,66 @@ async def measure(runs: int, claims: int, clients: int) -> dict[str, Any]:
     }
 
 
+async def measure_snapshot(runs: int) -> dict[str, Any]:
+    """A snapshot pool on podman/runsc (members wait checkpointed): claim (restore)
+    -> first exec against cold create -> first exec on the same backend."""
+    from corral.backends.podman import PodmanBackend
+
+    state = traversable_dir("pools-snap")
+    store = Store.for_state_dir(state)
+    manager = SandboxManager(
+        PodmanBackend(state, runtime="runsc"), store, ImageStore(state / "images")
+    )
+    pools = PoolManager(manager)
+    await pools.add("snap", size=1, snapshot=True, runtime="runsc", fill=True)
+    assert pools.get("snap").idle == 1, pools.get("snap").error
+    restored: list[float] = []
+    cold: list[float] = []
+    try:
+        for _ in range(runs):
+            started = time.perf_counter()
+            claim = await pools.claim("snap", timeout=60)
+            result = await manager.exec(claim.record.id, ARGV)
+            restored.append((time.perf_counter() - started) * 1000)
+            assert claim.from_pool, claim
+            assert result.exit_code == 0, result
+            await manager.destroy(claim.record.id)
+            started = time.perf_counter()
+            record = await manager.create("default", runtime="runsc", timeout=60)
+            result = await manager.exec(record.id, ARGV)
+            cold.append((time.perf_counter() - started) * 1000)
+            assert result.exit_code == 0, result
+            await manager.destroy(record.id)
+            await pools.refill()
+    finally:
+        for status in pools.list():
+            await pools.remove(status.pool.name)
+        for record in manager.list():
+            await manager.destroy(record.id)
+        await manager.backend.aclose()
+        store.close()
+    restore_stats, cold_stats = summary(restored), summary(cold)
+    return {
+        "snapshot_claim_first_exec": restore_stats,
+        "cold_create_first_exec": cold_stats,
+        "speedup_p50": cold_stats["p50_ms"] / restore_stats["p50_ms"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--claims", type=int, default=200, help="pool size for claims/s")
     parser.add_argument("--clients", type=int, default=8, help="concurrent claimants")
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument(
+        "--snapshot-runs", type=int, default=0, help="also a podman/runsc snapshot pool"
+    )
     args = parser.parse_args()
     use_pidfd_child_watcher()
     report = asyncio.run(measure(args.runs, args.claims, args.clients))
+    if args.snapshot_runs:
+        report["podman_runsc_snapshot_pool"] = asyncio.run(measure_snapshot(args.snapshot_runs))
     table = Table("path (oci, crun)", "p50 ms", "p99 ms", "min ms")
     for label, key in (
         ("pool claim -> first exec", "pool_claim_first_exec"),
@@ -147,6 +198,16 @@ def main() -> None:
         table.add_row(
             label, f"{stats['p50_ms']:.2f}", f"{stats['p99_ms']:.2f}", f"{stats['min_ms']:.2f}"
         )
+    snap = report.get("podman_runsc_snapshot_pool")
+    if snap is not None:
+        for label, key in (
+            ("podman/runsc: snapshot pool claim -> first exec", "snapshot_claim_first_exec"),
+            ("podman/runsc: cold create -> first exec", "cold_create_first_exec"),
+        ):
+            stats = snap[key]
+            table.add_row(
+                label, f"{stats['p50_ms']:.2f}", f"{stats['p99_ms']:.2f}", f"{stats['min_ms']:.2f}"
+            )
     console = Console()
     console.print(table)
     console.print(

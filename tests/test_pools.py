@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from corral.backends.base import BackendStatus, Capability
 from corral.backends.fake import FakeBackend
 from corral.errors import (
     ConflictError,
     InvalidStateError,
     NotFoundError,
     QuotaExceededError,
+    SandboxStartError,
+    UnsupportedError,
     UserError,
 )
 from corral.images import ImageStore
@@ -263,3 +266,57 @@ async def _until(condition: object, deadline: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < end, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+class SnapshottingFake(FakeBackend):
+    """The fake backend with snapshot/restore: a snapshot is a file in `dest`."""
+
+    capabilities = frozenset({*FakeBackend.capabilities, Capability.SNAPSHOT})
+
+    async def snapshot(self, sandbox_id: str, dest: Path) -> None:
+        sandbox = self._get(sandbox_id)
+        dest.mkdir(parents=True)
+        (dest / "state").write_text(sandbox_id)
+        sandbox.status = BackendStatus.STOPPED
+
+    async def restore(self, sandbox_id: str, source: Path) -> None:
+        if (source / "state").read_text() != sandbox_id:
+            raise SandboxStartError("not this sandbox's snapshot", sandbox_id=sandbox_id)
+        self._get(sandbox_id).status = BackendStatus.RUNNING
+
+
+async def test_snapshot_pool_restores_on_claim(tmp_path: Path, images: ImageStore) -> None:
+    store = Store.for_state_dir(tmp_path)
+    backend = SnapshottingFake()
+    pools = PoolManager(SandboxManager(backend, store, images))
+    try:
+        await pools.add("snap", size=2, snapshot=True, fill=True)
+        status = pools.get("snap")
+        assert (status.idle, status.starting) == (2, 0)
+        members = pools.store.pools.members("local", "snap")
+        assert {m.state for m in members} == {SandboxState.STOPPED}
+        assert all(backend.sandboxes[m.id].status == BackendStatus.STOPPED for m in members)
+        claim = await pools.claim("snap", labels={"job": "s"})
+        assert claim.from_pool
+        assert claim.record.state == SandboxState.RUNNING
+        assert backend.sandboxes[claim.record.id].status == BackendStatus.RUNNING
+        assert not (pools.snapshots_dir / claim.record.id).exists()
+        result = await pools.manager.exec(claim.record.id, ["echo", "back"])
+        assert result.stdout == b"back\n"
+        await pools.refill()
+        assert pools.get("snap").idle == 2
+        # A member whose snapshot cannot be restored is destroyed; the claim goes cold.
+        (victim, _) = pools.store.pools.members("local", "snap")
+        (pools.snapshots_dir / victim.id / "state").write_text("someone else")
+        cold = await pools.claim("snap")
+        assert not cold.from_pool
+        assert victim.id in backend.destroyed
+        destroyed = await pools.remove("snap")
+        assert all(not (pools.snapshots_dir / i).exists() for i in destroyed)
+    finally:
+        store.close()
+
+
+async def test_snapshot_pool_needs_a_snapshotting_backend(pools: PoolManager) -> None:
+    with pytest.raises(UnsupportedError, match="cannot snapshot"):
+        await pools.add("snap", size=1, snapshot=True)

@@ -230,6 +230,9 @@ class PoolCreate(_Body):
     max_idle: float | None = Field(
         default=None, gt=0, le=30 * 86400, description="seconds before an idle member is replaced"
     )
+    snapshot: bool = Field(
+        default=False, description="members wait snapshotted and are restored on claim"
+    )
     runtime: str | None = Field(default=None, max_length=32)
     memory: Size | None = None
     cpus: float | None = Field(default=None, gt=0, le=256)
@@ -254,6 +257,7 @@ class PoolInfo(BaseModel):
     idle: int
     starting: int
     max_idle: float | None
+    snapshot: bool = False
     resources: dict[str, Any] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     created_at: float
@@ -272,6 +276,7 @@ class PoolInfo(BaseModel):
             idle=status.idle,
             starting=status.starting,
             max_idle=pool.max_idle_seconds,
+            snapshot=pool.snapshot,
             resources=dict(pool.spec.get("resources", {})),
             labels=dict(pool.spec.get("labels", {})),
             created_at=pool.created_at,

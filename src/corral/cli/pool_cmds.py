@@ -29,6 +29,9 @@ def add(
         Optional[float],  # noqa: UP045
         typer.Option(help="Seconds before an idle member is replaced by a fresh one."),
     ] = None,
+    snapshot: Annotated[
+        bool, typer.Option(help="Members wait snapshotted (no memory held); a claim restores one.")
+    ] = False,
     memory: Annotated[Optional[str], typer.Option(help="Memory limit, e.g. 512M.")] = None,  # noqa: UP045
     cpus: Annotated[Optional[float], typer.Option(help="vCPUs, e.g. 0.5.")] = None,  # noqa: UP045
     pids: Annotated[Optional[int], typer.Option(help="Maximum processes.")] = None,  # noqa: UP045
@@ -47,6 +50,7 @@ def add(
                 template,
                 size,
                 max_idle=max_idle,
+                snapshot=snapshot,
                 memory=memory,
                 cpus=cpus,
                 pids=pids,

@@ -266,6 +266,7 @@ class PoolOptions(TypedDict, total=False):
     """The optional fields of a new pool (see `corral.api.models.PoolCreate`)."""
 
     max_idle: float
+    snapshot: bool
     runtime: str
     memory: str | int
     cpus: float

@@ -12,6 +12,7 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
-from corral.errors import CorralError, QuotaExceededError, UserError
+from corral.backends.base import Capability
+from corral.errors import CorralError, QuotaExceededError, UnsupportedError, UserError
 from corral.runtime.manager import SandboxManager, _limits, owner_alive, this_process
 from corral.runtime.state import SandboxState
 from corral.spec.template import Template, load_template, parse_template
@@ -86,6 +88,7 @@ class PoolManager:
         self._wake = asyncio.Event()
         self._refilling: set[tuple[str, str]] = set()
         self._cached: dict[tuple[str, str], tuple[Pool, float]] = {}
+        self.snapshots_dir = manager.images.root.parent / "pool-snapshots"
 
     async def __aenter__(self) -> PoolManager:
         self.start()
@@ -114,12 +117,22 @@ class PoolManager:
         env: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
         max_idle: float | None = None,
+        snapshot: bool = False,
         fill: bool = False,
     ) -> Pool:
         """Define a pool of `size` members of `template` (its whole definition is kept,
         so later edits of the template file do not change the pool). `fill` waits
-        until the members run; otherwise the refill loop makes them."""
+        until the members are ready; otherwise the refill loop makes them. With
+        `snapshot` (backends with Capability.SNAPSHOT) members wait snapshotted,
+        holding no memory or CPU, and a claim restores one."""
         spec = template if isinstance(template, Template) else load_template(template)
+        backend = self.manager.backend
+        if snapshot and Capability.SNAPSHOT not in backend.capabilities:
+            raise UnsupportedError(
+                f"backend '{backend.name}' cannot snapshot sandboxes",
+                backend=backend.name,
+                hint="leave out snapshot (members then wait running)",
+            )
         if spec.kind != "ephemeral":
             raise UserError(
                 f"template '{spec.name}' is persistent; pools hold ephemeral sandboxes",
@@ -142,6 +155,7 @@ class PoolManager:
                 "resources": {k: v for k, v in resources.items() if v is not None},
                 "env": dict(env or {}),
                 "labels": dict(labels or {}),
+                "snapshot": snapshot,
             },
             max_idle_seconds=max_idle,
         )
@@ -195,10 +209,11 @@ class PoolManager:
 
     def _status(self, pool: Pool, members: builtins.list[SandboxRecord]) -> PoolStatus:
         states = [m.state for m in members]
+        snapshotting = states.count(SandboxState.RUNNING) if pool.snapshot else 0
         return PoolStatus(
             pool,
-            idle=states.count(SandboxState.RUNNING),
-            starting=states.count(SandboxState.CREATING),
+            idle=states.count(pool.ready_state),
+            starting=states.count(SandboxState.CREATING) + snapshotting,
             error=self.errors.get((pool.tenant, pool.name)),
         )
 
@@ -229,7 +244,9 @@ class PoolManager:
             metadata=dict(metadata or {}),
             expires_at=time.time() + seconds,
         )
-        record = self.store.pools.claim(tenant, pool_name, changes)
+        record = self.store.pools.claim(tenant, pool_name, changes, state=pool.ready_state)
+        if record is not None and pool.snapshot:
+            record = await self._restore(record)
         from_pool = record is not None
         if record is None:
             pool = self._pool(tenant, pool_name, fresh=True)  # NotFoundError if removed
@@ -308,13 +325,15 @@ class PoolManager:
             stale: builtins.list[SandboxRecord] = []
             coming = 0
             for member in members:
-                if member.state == SandboxState.RUNNING:
+                if member.state == pool.ready_state:
                     aged = pool.max_idle_seconds is not None and (
                         now - member.created_at > pool.max_idle_seconds
                     )
                     (stale if aged else ready).append(member)
                 elif member.state == SandboxState.CREATING and owner_alive(member.owner):
                     coming += 1
+                elif member.state == SandboxState.RUNNING and owner_alive(member.owner):
+                    coming += 1  # a snapshot pool's member being snapshotted
                 elif member.state != SandboxState.CREATING:
                     stale.append(member)  # failed (or lost): replaced below
             excess = len(ready) + coming - pool.target_size
@@ -358,6 +377,8 @@ class PoolManager:
             **resources,
         )
         backend = self.manager.backend
+        if member and pool.snapshot:
+            return await self._snapshot(record)
         if member and isinstance(backend, Primes):
             try:
                 await backend.prime(record.id)
@@ -372,7 +393,36 @@ class PoolManager:
             return False
         with contextlib.suppress(CorralError):
             await self.manager.destroy(member.id)
+        shutil.rmtree(self.snapshots_dir / member.id, ignore_errors=True)
         return True
+
+    async def _snapshot(self, member: SandboxRecord) -> SandboxRecord:
+        """Snapshot a new member of a snapshot pool: it waits STOPPED until claimed.
+        On failure it is destroyed and the error raised."""
+        self.store.update(member.id, owner=this_process())  # refills elsewhere: not stale
+        try:
+            self.snapshots_dir.mkdir(parents=True, exist_ok=True)
+            await self.manager.backend.snapshot(member.id, self.snapshots_dir / member.id)
+        except BaseException:
+            await asyncio.shield(self._discard(member))
+            raise
+        return self.store.update(member.id, state=SandboxState.STOPPED, owner=None)
+
+    async def _restore(self, record: SandboxRecord) -> SandboxRecord | None:
+        """Bring a claimed snapshot-pool member back RUNNING; None (and it destroyed)
+        when the backend cannot, so the claim falls back to a cold create."""
+        source = self.snapshots_dir / record.id
+        try:
+            await self.manager.backend.restore(record.id, source)
+        except CorralError as error:
+            log.warning("restoring %s failed, creating cold instead: %s", record.id, error)
+            with contextlib.suppress(CorralError):
+                self.store.update(record.id, state=SandboxState.DESTROYING)
+                await self.manager.destroy(record.id)
+            return None
+        finally:
+            shutil.rmtree(source, ignore_errors=True)
+        return self.store.update(record.id, state=SandboxState.RUNNING)
 
 
 def _by_pool(

@@ -50,6 +50,16 @@ class Pool:
         backend = self.spec.get("backend")
         return None if backend is None else str(backend)
 
+    @property
+    def snapshot(self) -> bool:
+        """Members wait snapshotted (STOPPED, restored on claim) instead of running."""
+        return bool(self.spec.get("snapshot", False))
+
+    @property
+    def ready_state(self) -> str:
+        """The state of a member ready to be claimed."""
+        return "stopped" if self.snapshot else "running"
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimChanges:
@@ -163,24 +173,17 @@ class Pools:
         with self.store._begin() as conn:
             return [_row_to_record(row) for row in conn.execute(query)]
 
-    def idle_counts(self) -> dict[tuple[str, str], int]:
-        """(tenant, pool) -> members ready to be claimed, for every pool at once."""
-        query = (
-            select(sandboxes.c.tenant, sandboxes.c.pool, func.count())
-            .where(sandboxes.c.pool.is_not(None) & (sandboxes.c.state == "running"))
-            .group_by(sandboxes.c.tenant, sandboxes.c.pool)
-        )
-        with self.store._begin() as conn:
-            return {(t, p): n for t, p, n in conn.execute(query)}
-
-    def claim(self, tenant: str, name: str, changes: ClaimChanges) -> SandboxRecord | None:
-        """Take the oldest running member out of the pool and write `changes` on it,
-        atomically; None when the pool has no running member left."""
+    def claim(
+        self, tenant: str, name: str, changes: ClaimChanges, *, state: str = "running"
+    ) -> SandboxRecord | None:
+        """Take the oldest member in `state` (ready) out of the pool and write `changes`
+        on it, atomically; None when the pool has no ready member left."""
         from corral.store.db import _row_to_record
 
         params = {
             "c_tenant": tenant,
             "c_pool": name,
+            "c_state": state,
             "c_name": changes.name,
             "c_owner": changes.owner,
             "c_labels": json.dumps(dict(changes.labels), sort_keys=True),
@@ -234,7 +237,7 @@ class Pools:
 _READY = (
     (sandboxes.c.tenant == bindparam("c_tenant"))
     & (sandboxes.c.pool == bindparam("c_pool"))
-    & (sandboxes.c.state == "running")
+    & (sandboxes.c.state == bindparam("c_state"))
 )
 _OLDEST = (
     select(sandboxes.c.id)

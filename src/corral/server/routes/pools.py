@@ -49,6 +49,7 @@ async def create_pool(request: Request, body: PoolCreate, caller: CallerDep) -> 
         env=body.env,
         labels=body.labels,
         max_idle=body.max_idle,
+        snapshot=body.snapshot,
     )
     return PoolInfo.from_status(pools.get(body.name, tenant=caller.tenant))
 
