@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -26,8 +27,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from startup import traversable_dir  # noqa: E402
+from startup import leaks, traversable_dir  # noqa: E402
 
+from corral._sys import cgroups  # noqa: E402
 from corral._sys.procs import use_pidfd_child_watcher  # noqa: E402
 from corral.backends.oci import OciBackend  # noqa: E402
 from corral.images import ImageStore  # noqa: E402
@@ -44,6 +46,18 @@ POOL_SIZE = 4
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def sweep(state: Path) -> None:
+    """Remove the run's state dir and cgroup parent, unless something of it is left
+    (then say what, and keep it for a look)."""
+    cgroup_parent = OciBackend(state).cgroup_parent
+    left = leaks(state, cgroup_parent)
+    if left:
+        Console(stderr=True).print(f"left after the run (kept {state}): {', '.join(left)}")
+        return
+    cgroups.remove(cgroup_parent)
+    shutil.rmtree(state, ignore_errors=True)
 
 
 def summary(values_ms: list[float]) -> dict[str, float]:
@@ -110,6 +124,7 @@ async def measure(runs: int, claims: int, clients: int) -> dict[str, Any]:
             await pools.remove(status.pool.name)
         await manager.backend.aclose()
         manager.store.close()
+        sweep(state)
     pool_stats, cold_stats = summary(pooled), summary(cold)
     return {
         "host": platform.node(),
@@ -167,6 +182,7 @@ async def measure_snapshot(runs: int) -> dict[str, Any]:
             await manager.destroy(record.id)
         await manager.backend.aclose()
         store.close()
+        sweep(state)
     restore_stats, cold_stats = summary(restored), summary(cold)
     return {
         "snapshot_claim_first_exec": restore_stats,
