@@ -144,22 +144,26 @@ async def measure(runs: int, claims: int, clients: int) -> dict[str, Any]:
     }
 
 
-async def measure_snapshot(runs: int) -> dict[str, Any]:
-    """A snapshot pool on podman/runsc (members wait checkpointed): claim (restore)
-    -> first exec against cold create -> first exec on the same backend."""
-    from corral.backends.podman import PodmanBackend
+async def measure_snapshot(backend_name: str, runs: int) -> dict[str, Any]:
+    """A snapshot pool (members wait snapshotted) on podman/runsc or the microVM
+    backend (QEMU): claim (restore) -> first exec against cold create -> first exec
+    on the same backend."""
+    from corral.backends.registry import load_backend
+    from corral.config import Settings
 
     state = traversable_dir("pools-snap")
     store = Store.for_state_dir(state)
-    manager = SandboxManager(
-        PodmanBackend(state, runtime="runsc"), store, ImageStore(state / "images")
+    settings = Settings.model_validate(
+        {"state_dir": state, "backend": backend_name, "podman": {"runtime": "runsc"}}
     )
+    manager = SandboxManager(load_backend(settings), store, ImageStore(state / "images"))
+    runtime = "runsc" if backend_name == "podman" else None
     pools = PoolManager(manager)
-    await pools.add("snap", size=1, snapshot=True, runtime="runsc", fill=True)
-    assert pools.get("snap").idle == 1, pools.get("snap").error
     restored: list[float] = []
     cold: list[float] = []
     try:
+        await pools.add("snap", size=1, snapshot=True, runtime=runtime, fill=True)
+        assert pools.get("snap").idle == 1, pools.get("snap").error
         for _ in range(runs):
             started = time.perf_counter()
             claim = await pools.claim("snap", timeout=60)
@@ -169,7 +173,7 @@ async def measure_snapshot(runs: int) -> dict[str, Any]:
             assert result.exit_code == 0, result
             await manager.destroy(claim.record.id)
             started = time.perf_counter()
-            record = await manager.create("default", runtime="runsc", timeout=60)
+            record = await manager.create("default", runtime=runtime, timeout=60)
             result = await manager.exec(record.id, ARGV)
             cold.append((time.perf_counter() - started) * 1000)
             assert result.exit_code == 0, result
@@ -200,12 +204,21 @@ def main() -> None:
     parser.add_argument(
         "--snapshot-runs", type=int, default=0, help="also a podman/runsc snapshot pool"
     )
+    parser.add_argument(
+        "--microvm-runs", type=int, default=0, help="also a microVM (QEMU) snapshot pool"
+    )
     args = parser.parse_args()
     use_pidfd_child_watcher()
     report = asyncio.run(measure(args.runs, args.claims, args.clients))
     if args.snapshot_runs:
-        report["podman_runsc_snapshot_pool"] = asyncio.run(measure_snapshot(args.snapshot_runs))
-    table = Table("path (oci, crun)", "p50 ms", "p99 ms", "min ms")
+        report["podman_runsc_snapshot_pool"] = asyncio.run(
+            measure_snapshot("podman", args.snapshot_runs)
+        )
+    if args.microvm_runs:
+        report["microvm_snapshot_pool"] = asyncio.run(
+            measure_snapshot("microvm", args.microvm_runs)
+        )
+    table = Table("path (oci/crun unless named)", "p50 ms", "p99 ms", "min ms")
     for label, key in (
         ("pool claim -> first exec", "pool_claim_first_exec"),
         ("cold create -> first exec", "cold_create_first_exec"),
@@ -214,18 +227,30 @@ def main() -> None:
         table.add_row(
             label, f"{stats['p50_ms']:.2f}", f"{stats['p99_ms']:.2f}", f"{stats['min_ms']:.2f}"
         )
-    snap = report.get("podman_runsc_snapshot_pool")
-    if snap is not None:
-        for label, key in (
-            ("podman/runsc: snapshot pool claim -> first exec", "snapshot_claim_first_exec"),
-            ("podman/runsc: cold create -> first exec", "cold_create_first_exec"),
+    for name, key in (
+        ("podman/runsc", "podman_runsc_snapshot_pool"),
+        ("microvm/qemu", "microvm_snapshot_pool"),
+    ):
+        snap = report.get(key)
+        if snap is None:
+            continue
+        for label, path in (
+            ("snapshot pool claim -> first exec", "snapshot_claim_first_exec"),
+            ("cold create -> first exec", "cold_create_first_exec"),
         ):
-            stats = snap[key]
+            stats = snap[path]
             table.add_row(
-                label, f"{stats['p50_ms']:.2f}", f"{stats['p99_ms']:.2f}", f"{stats['min_ms']:.2f}"
+                f"{name}: {label}",
+                f"{stats['p50_ms']:.2f}",
+                f"{stats['p99_ms']:.2f}",
+                f"{stats['min_ms']:.2f}",
             )
+        console_note = f"{name} snapshot pool {snap['speedup_p50']:.1f}x faster than cold at p50"
+        report.setdefault("notes", []).append(console_note)
     console = Console()
     console.print(table)
+    for note in report.get("notes", []):
+        console.print(note)
     console.print(
         f"pool is {report['speedup_p50']:.1f}x faster at p50; "
         f"{report['claims_per_second']:.0f} claims/s ({report['claims']} claims, "
