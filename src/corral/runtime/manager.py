@@ -10,24 +10,15 @@ import asyncio
 import builtins
 import contextlib
 import functools
-import io
-import os
-import secrets
-import socket
-import tarfile
 import time
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
-    Callable,
     Mapping,
     Sequence,
 )
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from corral.backends.base import (
     Backend,
@@ -36,64 +27,24 @@ from corral.backends.base import (
     ExecRequest,
     ExecResult,
     HostMount,
-    Output,
     SandboxConfig,
-    SandboxLimits,
     SandboxStats,
 )
 from corral.errors import (
-    CorralError,
-    ExecError,
     FileTooLargeError,
     InvalidStateError,
-    IsolationPolicyError,
-    NotFoundError,
-    QuotaExceededError,
-    UnsupportedError,
-    UserError,
 )
-from corral.runtime.hostpaths import resolve_mount_source
+from corral.runtime import admission, housekeeping, transfer
+from corral.runtime.owners import new_sandbox_id, owner_alive, this_process
 from corral.runtime.state import SandboxState, check_transition
-from corral.spec.template import Isolation, Resources, Template, load_template
-from corral.store import Quota, SandboxRecord, Store, Usage
+from corral.spec.template import Template, load_template
+from corral.store import SandboxRecord, Store
 
 if TYPE_CHECKING:
     from corral.api.models import Inspection
     from corral.config import Settings
     from corral.images import ImageStore
     from corral.runtime.pets import PetManager
-
-RUNTIME_ISOLATION = {
-    "crun": Isolation.CONTAINER,
-    "runc": Isolation.CONTAINER,
-    "runsc": Isolation.GVISOR,
-}
-STALE_TRANSITION_SECONDS = 600.0
-
-
-def new_sandbox_id() -> str:
-    return "sb-" + secrets.token_hex(6)
-
-
-def this_process() -> str:
-    """The owner tag written on records this process is changing ("host:pid")."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def owner_alive(owner: str | None) -> bool:
-    """Whether the process that tagged a record may still be working on it."""
-    if owner is None:
-        return False
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname():
-        return True  # another host's process: only the stale timeout settles it
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SandboxManager:
@@ -179,8 +130,10 @@ class SandboxManager:
         image = await asyncio.to_thread(self.images.build, spec, progress=progress)
         if pet is None and cpuset is None:
             cpuset = self.pets.cattle_cpus()  # kept off the CPUs pinned to pets
-        limits = _limits(spec, vcpus=cpus, memory=memory, pids=pids, disk=disk, cpuset=cpuset)
-        mounts = template_mounts(spec, image.host_mounts) + list(extra_mounts)
+        limits = admission.limits_for(
+            spec, vcpus=cpus, memory=memory, pids=pids, disk=disk, cpuset=cpuset
+        )
+        mounts = admission.template_mounts(spec, image.host_mounts) + list(extra_mounts)
         sandbox_id = new_sandbox_id()
         now = time.time()
         sandbox_timeout = timeout if timeout is not None else spec.timeout
@@ -217,7 +170,7 @@ class SandboxManager:
         quota = self.store.tenants.find(tenant)
         self.store.insert(
             record,
-            check=None if quota is None else _quota_check(tenant, quota.quota, limits),
+            check=None if quota is None else admission.quota_check(tenant, quota.quota, limits),
         )
         config = SandboxConfig(
             sandbox_id=sandbox_id,
@@ -359,36 +312,14 @@ class SandboxManager:
         user and inside the sandbox, so entries cannot land outside what it may write."""
         self._check_size(sandbox_id, len(tar))
         record = self._running(sandbox_id, tenant)
-        _check_tar(tar)
-        script = 'mkdir -p "$1" && tar -x -f - -C "$1"'
-        result = await self.backend.exec(
-            record.id, ExecRequest(["/bin/sh", "-c", script, "sh", _absolute(path)], stdin=tar)
-        )
-        if not result.ok:
-            raise _tar_error(record.id, path, "unpack", result)
+        await transfer.unpack(self.backend, record.id, path, tar)
 
     async def get_archive(self, sandbox_id: str, path: str, *, tenant: str | None = None) -> bytes:
         """A tar of directory `path`'s contents; FileTooLargeError past the file limit."""
         record = self._running(sandbox_id, tenant)
-        script = 'test -d "$1" || { echo "not a directory" >&2; exit 2; }; tar -c -f - -C "$1" .'
-        request = ExecRequest(["/bin/sh", "-c", script, "sh", _absolute(path)])
-        chunks: builtins.list[bytes] = []
-        stderr = b""
-        size = 0
-        stream = self.backend.exec_stream(record.id, request)
-        async with contextlib.aclosing(cast("AsyncGenerator[ExecEvent]", stream)) as events:
-            async for event in events:
-                if isinstance(event, Output):
-                    if event.stream == "stderr":
-                        stderr += event.data
-                        continue
-                    size += len(event.data)
-                    self._check_size(record.id, size)
-                    chunks.append(event.data)
-                elif event.exit_code != 0:
-                    result = ExecResult(event.exit_code, b"", stderr)
-                    raise _tar_error(record.id, path, "pack", result)
-        return b"".join(chunks)
+        return await transfer.pack(
+            self.backend, record.id, path, lambda size: self._check_size(record.id, size)
+        )
 
     def _check_size(self, sandbox_id: str, size: int) -> None:
         if size > self.max_file_bytes:
@@ -429,65 +360,11 @@ class SandboxManager:
 
     async def reap(self, *, now: float | None = None) -> builtins.list[str]:
         """Destroy ephemeral sandboxes whose timeout has passed; their ids."""
-        now = time.time() if now is None else now
-        reaped = []
-        for record in self.store.list(expired_before=now, backend=self.backend.name):
-            if record.kind != "ephemeral":
-                continue
-            if record.state in (SandboxState.CREATING, SandboxState.DESTROYING) and owner_alive(
-                record.owner
-            ):
-                continue  # someone is still on it; the next pass gets it
-            with contextlib.suppress(NotFoundError):
-                self.store.update(record.id, state=SandboxState.DESTROYING, owner=this_process())
-                await asyncio.shield(self._release(record.id))
-                reaped.append(record.id)
-        return reaped
+        return await housekeeping.reap(self, now=now)
 
     async def reconcile(self, *, now: float | None = None) -> dict[str, builtins.list[str]]:
-        """Settle the store with what the backend holds (at server start and in `gc`):
-        adopt what still runs, finish creates/destroys whose process died, mark as
-        failed what the backend lost, destroy what has no record."""
-        now = time.time() if now is None else now
-        report: dict[str, builtins.list[str]] = {"adopted": [], "stale": [], "lost": []}
-        for record in self.store.list(backend=self.backend.name):
-            if record.state in (SandboxState.CREATING, SandboxState.DESTROYING):
-                abandoned = not owner_alive(record.owner)
-                if abandoned or now - record.updated_at > STALE_TRANSITION_SECONDS:
-                    await asyncio.shield(self._release(record.id))
-                    report["stale"].append(record.id)
-                continue
-            if record.state == SandboxState.FAILED:
-                continue
-            status = await self.backend.status(record.id)
-            if status == BackendStatus.MISSING and record.pool is not None:
-                # An idle pool member nobody holds: drop it; its pool refills.
-                self.store.delete(record.id)
-                report["lost"].append(record.id)
-            elif status == BackendStatus.MISSING and record.kind == "persistent":
-                # A pet comes back: the pet supervisor re-creates what is stopped.
-                self.store.update(
-                    record.id,
-                    state=SandboxState.STOPPED,
-                    error="lost: the backend no longer held it; re-created by the supervisor",
-                )
-                report["lost"].append(record.id)
-            elif status == BackendStatus.MISSING:
-                self.store.update(
-                    record.id,
-                    state=SandboxState.FAILED,
-                    error="lost: the backend no longer holds this sandbox (e.g. host reboot)",
-                )
-                report["lost"].append(record.id)
-            else:
-                report["adopted"].append(record.id)
-        known = self.store.ids()
-        report["orphans"] = []
-        for sandbox_id in await self.backend.list_sandboxes():
-            if sandbox_id not in known:
-                await self.backend.destroy(sandbox_id)
-                report["orphans"].append(sandbox_id)
-        return report
+        """Settle the store with what the backend holds (see housekeeping.reconcile)."""
+        return await housekeeping.reconcile(self, now=now)
 
     async def gc(self, *, now: float | None = None) -> dict[str, builtins.list[str]]:
         """Reconcile, then reap what expired (`corral gc`; the server does both itself)."""
@@ -496,103 +373,7 @@ class SandboxManager:
         return report
 
     def _choose_runtime(self, spec: Template, runtime: str | None) -> str | None:
-        """The runtime for a sandbox of `spec`: the one asked for, if the template
-        allows its isolation level; else the template's first allowed level that
-        this backend gives (so a template's `isolation` order is its default)."""
-        known = self.backend.runtimes
-        if runtime is not None and runtime not in known:
-            raise UserError(
-                f"backend '{self.backend.name}' has no runtime '{runtime}'",
-                backend=self.backend.name,
-                hint=f"choose one of: {', '.join(known)}" if known else "leave the runtime out",
-            )
-        if self.backend.name == "microvm":
-            self._require_level(spec, Isolation.MICROVM)
-            return runtime
-        if runtime is not None:
-            self._require_level(spec, RUNTIME_ISOLATION.get(runtime, Isolation.CONTAINER))
-            return runtime
-        container_runtime = self.default_runtime or "crun"
-        for level in spec.isolation:
-            if level == Isolation.GVISOR:
-                return "runsc"
-            if level == RUNTIME_ISOLATION.get(container_runtime, Isolation.CONTAINER):
-                return container_runtime
-        self._require_level(spec, RUNTIME_ISOLATION.get(container_runtime, Isolation.CONTAINER))
-        return container_runtime
-
-    def _require_level(self, spec: Template, level: Isolation) -> None:
-        if level not in spec.isolation:
-            raise IsolationPolicyError(
-                f"template '{spec.name}' does not allow isolation '{level}'"
-                f" (allowed: {', '.join(spec.isolation)})",
-                backend=self.backend.name,
-                hint="choose a runtime or backend that gives an allowed level",
-            )
-
-
-def template_mounts(spec: Template, image_mounts: Sequence[HostMount]) -> builtins.list[HostMount]:
-    """The image's host mounts and the template's [[mounts]], resolved on this host."""
-    mounts = list(image_mounts)
-    for mount in spec.mounts:
-        source = resolve_mount_source(mount.source)
-        if source is None or not source.exists():
-            if mount.optional:
-                continue
-            raise NotFoundError(
-                f"template '{spec.name}': mount source '{mount.source}' does not exist",
-                hint="create it, or mark the mount optional = true",
-            )
-        if any(source == m.source and mount.target == m.target for m in mounts):
-            continue
-        mounts.append(HostMount(source, mount.target))
-    return mounts
-
-
-def _quota_check(tenant: str, quota: Quota, limits: SandboxLimits) -> Callable[[Usage], None]:
-    def check(usage: Usage) -> None:
-        over = []
-        if quota.max_sandboxes is not None and usage.sandboxes + 1 > quota.max_sandboxes:
-            over.append(f"{usage.sandboxes + 1} sandboxes (quota {quota.max_sandboxes})")
-        if quota.max_vcpus is not None and usage.vcpus + limits.vcpus > quota.max_vcpus + 1e-9:
-            over.append(f"{usage.vcpus + limits.vcpus:g} vCPUs (quota {quota.max_vcpus:g})")
-        if quota.max_memory is not None and usage.memory + limits.memory > quota.max_memory:
-            over.append(
-                f"{(usage.memory + limits.memory) >> 20} MiB of memory"
-                f" (quota {quota.max_memory >> 20} MiB)"
-            )
-        if over:
-            raise QuotaExceededError(
-                f"tenant '{tenant}' would have " + ", ".join(over),
-                hint="destroy sandboxes you no longer need, or ask an operator to raise"
-                " the quota (`corral tenants quota`)",
-            )
-
-    return check
-
-
-def _limits(spec: Template, **asked: Any) -> SandboxLimits:
-    """The template's resources with the caller's overrides, checked by the same rules
-    as a template's [resources] (so a bad size is a clear error, not a runtime failure)."""
-    values = spec.resources.model_dump()
-    values.update({k: v for k, v in asked.items() if v is not None})
-    try:
-        resources = Resources.model_validate(values)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"]) or "resources"
-        message = str(error["msg"]).removeprefix("Value error, ")
-        raise UserError(
-            f"'{where}': {message}",
-            hint="e.g. memory 512M (at least 16M), cpus 0.5, pids 8 or more, disk 256M",
-        ) from None
-    return SandboxLimits(
-        vcpus=float(resources.vcpus),
-        memory=resources.memory,
-        pids=resources.pids,
-        disk=resources.disk,
-        cpuset=resources.cpuset,
-    )
+        return admission.choose_runtime(self.backend, spec, runtime, self.default_runtime)
 
 
 def _merge(current: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -605,44 +386,4 @@ def _merge(current: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
-def _absolute(path: str) -> str:
-    if not path.startswith("/") or "\0" in path:
-        raise UserError(f"'{path}' is not an absolute path", hint="e.g. /work/src")
-    return path
-
-
-def _check_tar(data: bytes) -> None:
-    """UserError unless `data` is a readable tar stream (checked before any exec)."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
-            for _ in archive:
-                pass
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise UserError(
-            f"the upload is not a valid tar archive ({exc})",
-            hint="send a tar stream, e.g. made by `tar -c -f - -C DIR .`",
-        ) from None
-
-
-def _tar_error(sandbox_id: str, path: str, verb: str, result: ExecResult) -> CorralError:
-    tail = result.stderr.decode(errors="replace")[-500:]
-    facts: dict[str, Any] = {"sandbox_id": sandbox_id, "stderr_tail": tail}
-    if result.exit_code == 127:
-        return UnsupportedError(
-            "the sandbox image has no sh and tar to move directories with",
-            hint="use a template whose image has /bin/sh and tar, or copy single files",
-            **facts,
-        )
-    if verb == "pack" and result.exit_code == 2:
-        return NotFoundError(f"'{path}' is not a directory in the sandbox", **facts)
-    if verb == "unpack":
-        return UserError(
-            f"cannot unpack into '{path}' (tar exited {result.exit_code})",
-            hint="check the sandbox user may write there (e.g. under /work or /tmp)",
-            **facts,
-        )
-    return ExecError(
-        f"cannot {verb} '{path}' (tar exited {result.exit_code})",
-        hint="check the sandbox user may read the directory",
-        **facts,
-    )
+__all__ = ["SandboxManager", "new_sandbox_id", "owner_alive", "this_process"]

@@ -81,13 +81,13 @@ class PetManager:
     ) -> SandboxRecord:
         """Create a pet named `name` (unique per tenant), with its volume (made, or
         found again from an earlier pet of that name) and CPUs of its own."""
-        from corral.runtime.manager import _limits
+        from corral.runtime.admission import limits_for
 
         spec = template if isinstance(template, Template) else load_template(template)
         # Every pet has a volume: its mount point is made in the pet's image.
         spec = spec.model_copy(update={"kind": "persistent", "volume": spec.volume or Volume()})
         name = _pet_name(name)
-        limits = _limits(spec, vcpus=cpus, memory=memory, cpuset=cpuset)
+        limits = limits_for(spec, vcpus=cpus, memory=memory, cpuset=cpuset)
         volume_spec = spec.volume or Volume()
         size = _volume_size(volume) if volume is not None else volume_spec.size
         async with self._allocating:
@@ -288,7 +288,7 @@ class PetManager:
         self, record: SandboxRecord, *, cpuset: str | None = None
     ) -> SandboxConfig:
         """The backend config that re-creates pet `record` as it was created."""
-        from corral.runtime.manager import template_mounts
+        from corral.runtime.admission import template_mounts
 
         pet: Mapping[str, Any] = record.spec["pet"]
         if pet.get("template") is None:

@@ -22,7 +22,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from corral.backends.base import Capability
 from corral.errors import CorralError, QuotaExceededError, UnsupportedError, UserError
-from corral.runtime.manager import SandboxManager, _limits, owner_alive, this_process
+from corral.runtime.admission import limits_for
+from corral.runtime.manager import SandboxManager
+from corral.runtime.owners import owner_alive, this_process
 from corral.runtime.state import SandboxState
 from corral.spec.template import Template, load_template, parse_template
 from corral.store import ClaimChanges, Pool, SandboxRecord
@@ -142,7 +144,7 @@ class PoolManager:
             raise UserError("the maximum idle age must be positive", hint="e.g. --max-idle 600")
         runtime = self.manager._choose_runtime(spec, runtime)
         resources = {"memory": memory, "cpus": cpus, "pids": pids, "disk": disk, "cpuset": cpuset}
-        _limits(spec, **resources)  # a bad size is the caller's error now, not at refill
+        limits_for(spec, **resources)  # a bad size is the caller's error now, not at refill
         pool = Pool(
             tenant=tenant,
             name=name,
