@@ -65,6 +65,13 @@ def api_schema(fuzz_server: ServerProcess) -> Any:
     return schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
 
 
+def clean(url: str, headers: dict[str, str]) -> None:
+    for pool in httpx.get(f"{url}/v1/pools", headers=headers, timeout=20).json():
+        httpx.delete(f"{url}/v1/pools/{pool['name']}", headers=headers, timeout=20)
+    for sandbox in httpx.get(f"{url}/v1/sandboxes", headers=headers, timeout=20).json():
+        httpx.delete(f"{url}/v1/sandboxes/{sandbox['id']}", headers=headers, timeout=20)
+
+
 def test_no_5xx_no_hangs_and_answers_match_the_schema(
     api_schema: Any, fuzz_server: ServerProcess, fuzz_headers: dict[str, str]
 ) -> None:
@@ -76,9 +83,11 @@ def test_no_5xx_no_hangs_and_answers_match_the_schema(
     statuses: dict[str, set[int]] = {}
     for operation in operations:
         # Half the cases aim at a real sandbox, so handlers past the lookup run too.
-        real = httpx.post(
+        created = httpx.post(
             fuzz_server.url + "/v1/sandboxes", json={}, headers=fuzz_headers, timeout=20
-        ).json()["id"]
+        )
+        assert created.status_code == 201, (operation.label, created.text)
+        real = created.json()["id"]
 
         @given(case=operation.as_strategy(), aim_at_real=st.booleans())
         @settings(
@@ -107,11 +116,9 @@ def test_no_5xx_no_hangs_and_answers_match_the_schema(
             check()
         except Exception as error:
             failures.append(f"{operation.label}: {error}"[:3000])
-        httpx.delete(f"{fuzz_server.url}/v1/sandboxes/{real}", headers=fuzz_headers)
-        # Pets are never reaped: the ones a run made go now, or they fill the quota.
-        listed = httpx.get(f"{fuzz_server.url}/v1/sandboxes", headers=fuzz_headers).json()
-        for pet in (sandbox for sandbox in listed if sandbox["kind"] == "persistent"):
-            httpx.delete(f"{fuzz_server.url}/v1/sandboxes/{pet['id']}", headers=fuzz_headers)
+        # Whatever this operation's run made (sandboxes, pets, pools and their
+        # members) goes now, so the next one starts under its quota.
+        clean(fuzz_server.url, fuzz_headers)
     assert not failures, "\n\n".join(failures)
     # The runs reached the handlers' success paths, not only their refusals.
     succeeded = {label for label, codes in statuses.items() if any(c < 300 for c in codes)}
