@@ -72,4 +72,8 @@ def use_pidfd_child_watcher() -> None:
         os.close(os.pidfd_open(os.getpid()))
     except OSError:  # kernel without pidfds
         return
-    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+    watcher = asyncio.PidfdChildWatcher()
+    asyncio.set_child_watcher(watcher)
+    # From a running loop: attach to it (a later asyncio.run attaches by itself).
+    with contextlib.suppress(RuntimeError):
+        watcher.attach_loop(asyncio.get_running_loop())

@@ -59,6 +59,9 @@ class ServerRuntime:
 
     async def start(self) -> None:
         """Settle the store with the backend, then start reaping."""
+        from corral._sys.procs import use_pidfd_child_watcher
+
+        use_pidfd_child_watcher()  # no thread per runtime subprocess
         self.reconciled = await self.manager.reconcile()
         log.info("reconciled: %s", {k: len(v) for k, v in self.reconciled.items()})
         self.reaper = Reaper(self.manager, self.settings.server.reap_interval)
