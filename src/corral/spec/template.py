@@ -7,6 +7,7 @@ canonical dict whose hash keys the image cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -368,8 +369,7 @@ def load_template(name_or_path: str | Path) -> Template:
                 + ", ".join(BUILTIN_TEMPLATES)
                 + ") or the path of a .toml file",
             )
-        text = (resources.files("corral.spec") / "builtin" / f"{name_or_path}.toml").read_text()
-        return _parse_text(text, f"<builtin>/{name_or_path}.toml")
+        return _builtin(name_or_path)
     path = Path(name_or_path)
     try:
         text = path.read_text()
@@ -383,6 +383,13 @@ def load_template(name_or_path: str | Path) -> Template:
             f"cannot be read: {exc.strerror}", file=source, hint="fix its permissions"
         ) from None
     return _parse_text(text, source)
+
+
+@functools.cache
+def _builtin(name: str) -> Template:
+    """A built-in template, parsed once per process (templates are immutable)."""
+    text = (resources.files("corral.spec") / "builtin" / f"{name}.toml").read_text()
+    return _parse_text(text, f"<builtin>/{name}.toml")
 
 
 def _parse_text(text: str, source: str) -> Template:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ class OciRuntime:
     missing_command: re.Pattern[str] = re.compile(r"executable file .* not found|no such file")
 
     def binary(self) -> str:
-        path = shutil.which(self.name)
+        path = _which(self.name)
         if path is None:
             raise BackendUnavailableError(
                 f"OCI runtime '{self.name}' is not installed",
@@ -35,6 +36,16 @@ class OciRuntime:
     def command(self, root: Path, *args: str) -> list[str]:
         return [self.binary(), "--root", str(root), *self.extra_global, *args]
 
+
+def _which(name: str) -> str | None:
+    """shutil.which, remembered once found (it stats every PATH entry per call)."""
+    path = _FOUND.get(name)
+    if path is None or not os.access(path, os.X_OK):
+        path = _FOUND[name] = shutil.which(name)
+    return path
+
+
+_FOUND: dict[str, str | None] = {}
 
 RUNTIMES: dict[str, OciRuntime] = {
     "crun": OciRuntime(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -61,12 +62,20 @@ async def ready(request: Request) -> Health | JSONResponse:
 
 
 def server_templates(templates_dir: Path | None) -> dict[str, Template]:
-    """Templates a tenant may name: the built-ins, then `templates_dir/*.toml`."""
-    found = {name: load_template(name) for name in BUILTIN_TEMPLATES}
+    """Templates a tenant may name: the built-ins, then `templates_dir/*.toml`
+    (parsed again only when a file there changes)."""
+    files: tuple[tuple[str, float], ...] = ()
     if templates_dir is not None and templates_dir.is_dir():
-        for path in sorted(templates_dir.glob("*.toml")):
-            template = load_template(path)
-            found.setdefault(template.name, template)
+        files = tuple((str(p), p.stat().st_mtime) for p in sorted(templates_dir.glob("*.toml")))
+    return _templates(files)
+
+
+@functools.lru_cache(maxsize=8)
+def _templates(files: tuple[tuple[str, float], ...]) -> dict[str, Template]:
+    found = {name: load_template(name) for name in BUILTIN_TEMPLATES}
+    for path, _mtime in files:
+        template = load_template(Path(path))
+        found.setdefault(template.name, template)
     return found
 
 
