@@ -38,7 +38,7 @@ from corral.runtime import admission, housekeeping, transfer
 from corral.runtime.owners import new_sandbox_id, owner_alive, this_process
 from corral.runtime.state import SandboxState, check_transition
 from corral.spec.template import Template, load_template
-from corral.store import SandboxRecord, Store
+from corral.store import Quota, SandboxRecord, Store
 
 if TYPE_CHECKING:
     from corral.api.models import Inspection
@@ -167,10 +167,11 @@ class SandboxManager:
             | ({"pet": dict(pet)} if pet is not None else {}),
             pool=pool,
         )
-        quota = self.store.tenants.find(tenant)
+        owner = self.store.tenants.find(tenant)
+        quota = owner.quota if owner is not None else Quota()
         self.store.insert(
-            record,
-            check=None if quota is None else admission.quota_check(tenant, quota.quota, limits),
+            record,  # no quota, nothing to check (and no lock to take)
+            check=admission.quota_check(tenant, quota, limits) if quota != Quota() else None,
         )
         config = SandboxConfig(
             sandbox_id=sandbox_id,
