@@ -345,13 +345,17 @@ def _check_podman_api(podman: Podman, binary: Path, environ: Mapping[str, str]) 
     )
     answered = False
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), timeout=2) as client:
-            while service.poll() is None and time.monotonic() - started < 15:
-                try:
-                    answered = client.get("http://podman/_ping").status_code == 200
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.02)
+        # Wait for the socket to accept before asking httpx: httpcore's sync unix
+        # transport leaks its socket object when a connect is refused.
+        while service.poll() is None and time.monotonic() - started < 15:
+            if _accepts(socket):
+                with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), timeout=2) as c:
+                    try:
+                        answered = c.get("http://podman/_ping").status_code == 200
+                    except httpx.TransportError:
+                        answered = False
+                break
+            time.sleep(0.02)
         elapsed = time.monotonic() - started
     finally:
         service.terminate()
@@ -476,3 +480,16 @@ def format_checks(checks: Iterable[Check]) -> Table:
 def checks_to_json(checks: Iterable[Check]) -> list[dict[str, str | None]]:
     """The checks as JSON-ready dicts (name, status, detail, fix)."""
     return [asdict(check) for check in checks]
+
+
+def _accepts(path: Path) -> bool:
+    """Whether something listens on unix socket `path` (a connect that is closed at once)."""
+    import socket as sockets
+
+    with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
