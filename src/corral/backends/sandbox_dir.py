@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from corral._sys import mounts
 from corral.backends.base import SandboxConfig
@@ -70,3 +72,20 @@ async def released_on_failure(
         with contextlib.suppress(Exception):
             await asyncio.shield(destroy(sandbox_id))
         raise
+
+
+def read_meta(sandbox_dir: Path, name: str, sandbox_id: str, backend: str) -> dict[str, Any]:
+    """The JSON record a backend keeps in the sandbox's directory; NotFoundError when
+    the sandbox (or a readable record of it) is not there."""
+    try:
+        data = json.loads((sandbox_dir / name).read_text())
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        raise NotFoundError(
+            f"no sandbox '{sandbox_id}'",
+            sandbox_id=sandbox_id,
+            backend=backend,
+            hint="list sandboxes with `corral ls`",
+        )
+    return data

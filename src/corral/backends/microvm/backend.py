@@ -50,7 +50,13 @@ from corral.backends.microvm.qemu import (
     qmp_call,
     tsc_khz,
 )
-from corral.backends.sandbox_dir import claim_dir, refuse_network, released_on_failure, sandbox_path
+from corral.backends.sandbox_dir import (
+    claim_dir,
+    read_meta,
+    refuse_network,
+    released_on_failure,
+    sandbox_path,
+)
 from corral.errors import (
     BackendUnavailableError,
     CorralError,
@@ -145,16 +151,7 @@ class MicrovmBackend(Backend):
         return sandbox_path(self.sandboxes_dir, sandbox_id, self.name)
 
     def _meta(self, sandbox_id: str) -> VmMeta:
-        try:
-            data = json.loads((self._dir(sandbox_id) / "meta.json").read_text())
-        except FileNotFoundError:
-            raise NotFoundError(
-                f"no sandbox '{sandbox_id}'",
-                sandbox_id=sandbox_id,
-                backend=self.name,
-                hint="list sandboxes with `corral ls`",
-            ) from None
-        return VmMeta(**data)
+        return VmMeta(**read_meta(self._dir(sandbox_id), "meta.json", sandbox_id, self.name))
 
     def _write_meta(self, sandbox_dir: Path, meta: VmMeta) -> None:
         temp = sandbox_dir / ".meta.json.new"

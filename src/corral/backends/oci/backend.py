@@ -46,6 +46,7 @@ from corral.backends.oci.standby import Standby, command_line, start_standby
 from corral.backends.sandbox_dir import (
     claim_dir,
     make_scratch,
+    read_meta,
     refuse_network,
     released_on_failure,
     sandbox_path,
@@ -103,16 +104,7 @@ class OciBackend(Backend):
         return self.run_dir / runtime.name
 
     def _meta(self, sandbox_id: str) -> _Meta:
-        try:
-            data = json.loads((self._dir(sandbox_id) / "meta.json").read_text())
-        except FileNotFoundError:
-            raise NotFoundError(
-                f"no sandbox '{sandbox_id}'",
-                sandbox_id=sandbox_id,
-                backend=self.name,
-                hint="list sandboxes with `corral ls`",
-            ) from None
-        return _Meta(**data)
+        return _Meta(**read_meta(self._dir(sandbox_id), "meta.json", sandbox_id, self.name))
 
     def ensure_support(self) -> str:
         """The read-only dir bound at /.corral: the idle init (catatonit)."""

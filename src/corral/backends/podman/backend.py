@@ -59,6 +59,7 @@ from corral.backends.podman.spec import (
 from corral.backends.sandbox_dir import (
     claim_dir,
     make_scratch,
+    read_meta,
     released_on_failure,
     sandbox_path,
 )
@@ -153,15 +154,12 @@ class PodmanBackend(Backend):
         return sandbox_path(self.sandboxes_dir, sandbox_id, self.name)
 
     def _meta(self, sandbox_id: str) -> _Meta:
+        data = read_meta(self._dir(sandbox_id), "podman.json", sandbox_id, self.name)
         try:
-            data = json.loads((self._dir(sandbox_id) / "podman.json").read_text())
             return _Meta(**data)
-        except (OSError, ValueError, TypeError):
+        except TypeError:  # a record from another version: nothing this backend can drive
             raise NotFoundError(
-                f"no sandbox '{sandbox_id}'",
-                sandbox_id=sandbox_id,
-                backend=self.name,
-                hint="list sandboxes with `corral ls`",
+                f"no sandbox '{sandbox_id}'", sandbox_id=sandbox_id, backend=self.name
             ) from None
 
     def _any_service(self, sandbox_id: str) -> PodmanService:
