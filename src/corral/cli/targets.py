@@ -10,7 +10,6 @@ import abc
 import builtins
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.errors import CorralError, UserError
@@ -194,11 +193,8 @@ class RemoteTarget(Target):
         if self.runtime is not None:
             options["runtime"] = self.runtime
         fields = {k: v for k, v in options.items() if v is not None}
-        if Path(template).suffix == ".toml" or "/" in template:
-            template_ref: str | Path = Path(template)
-        else:
-            template_ref = template
-        sandbox = await self.client.create(template_ref, **fields)
+        # The SDK tells a template name from a local .toml file (sent whole).
+        sandbox = await self.client.create(template, **fields)
         return sandbox.info
 
     async def exec_stream(
@@ -248,10 +244,7 @@ class RemoteTarget(Target):
         if self.runtime is not None:
             options.setdefault("runtime", self.runtime)
         fields = {k: v for k, v in options.items() if v is not None}
-        template_ref: str | Path = (
-            Path(template) if Path(template).suffix == ".toml" or "/" in template else template
-        )
-        return await self.client.create_pool(name, template_ref, size=size, **fields)
+        return await self.client.create_pool(name, template, size=size, **fields)
 
     async def list_pools(self) -> builtins.list[PoolInfo]:
         return await self.client.pools()

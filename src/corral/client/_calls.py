@@ -87,11 +87,7 @@ def tenants_call() -> Call:
 def create_call(template: str | os.PathLike[str], options: SandboxOptions) -> Call:
     """A named template is sent by name; a local .toml file is read and sent whole."""
     fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
-    if isinstance(template, os.PathLike) or template.endswith(".toml") or "/" in template:
-        fields["template_spec"] = read_template_file(Path(template))
-        fields["template"] = str(fields["template_spec"].get("name") or Path(template).stem)
-    else:
-        fields["template"] = template
+    fields.update(template_fields(template))
     body = _validated(models.SandboxCreate, fields, "sandbox settings")
     return Call(
         "POST",
@@ -99,6 +95,14 @@ def create_call(template: str | os.PathLike[str], options: SandboxOptions) -> Ca
         json=body,
         read_timeout=CREATE_TIMEOUT,
     )
+
+
+def template_fields(template: str | os.PathLike[str]) -> dict[str, Any]:
+    """A named template goes by name; a local .toml file (a path) is read and sent whole."""
+    if isinstance(template, os.PathLike) or template.endswith(".toml") or "/" in template:
+        spec = read_template_file(Path(template))
+        return {"template_spec": spec, "template": str(spec.get("name") or Path(template).stem)}
+    return {"template": template}
 
 
 def read_template_file(path: Path) -> dict[str, Any]:
@@ -309,11 +313,7 @@ def pool_create_call(
 ) -> Call:
     fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     fields.update(name=name, size=size)
-    if isinstance(template, os.PathLike) or template.endswith(".toml") or "/" in template:
-        fields["template_spec"] = read_template_file(Path(template))
-        fields["template"] = str(fields["template_spec"].get("name") or Path(template).stem)
-    else:
-        fields["template"] = template
+    fields.update(template_fields(template))
     body = _validated(models.PoolCreate, fields, "pool settings")
     return Call("POST", f"{models.API_PREFIX}/pools", json=body, read_timeout=CREATE_TIMEOUT)
 
@@ -350,11 +350,7 @@ def pet_create_call(
         raise UserError("a pet needs a name", hint="pass name=... (unique among your sandboxes)")
     fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     fields.update({k: v for k, v in (("volume", volume), ("restart", restart)) if v is not None})
-    if isinstance(template, os.PathLike) or template.endswith(".toml") or "/" in template:
-        fields["template_spec"] = read_template_file(Path(template))
-        fields["template"] = str(fields["template_spec"].get("name") or Path(template).stem)
-    else:
-        fields["template"] = template
+    fields.update(template_fields(template))
     body = _validated(models.PetCreate, fields, "pet settings")
     return Call("POST", f"{models.API_PREFIX}/pets", json=body, read_timeout=CREATE_TIMEOUT)
 
