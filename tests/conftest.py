@@ -169,9 +169,9 @@ def _podman_containers(state_dir: Path) -> list[str]:
 
 
 def _sandbox_inits(root: Path | None = None) -> set[int]:
-    """Host pids of sandbox main processes (catatonit as /.corral/init) and gVisor
-    sandboxes; with `root`, only those of sandboxes under that state dir (so tests
-    running elsewhere at the same time are not counted)."""
+    """Host pids of sandbox main processes (catatonit as /.corral/init), gVisor
+    sandboxes and port forwarders; with `root`, only those of sandboxes under that
+    state dir (so tests running elsewhere at the same time are not counted)."""
     found: set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -180,7 +180,11 @@ def _sandbox_inits(root: Path | None = None) -> set[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if not cmdline.startswith((b"/.corral/init", b"runsc-sandbox", b"runsc-gofer")):
+        # Sandbox inits, gVisor's processes, and Corral's port forwarders.
+        forwarder = b"/corral/_sys/portfwd.py\0" in cmdline
+        if not forwarder and not cmdline.startswith(
+            (b"/.corral/init", b"runsc-sandbox", b"runsc-gofer")
+        ):
             continue
         if root is not None and not _belongs_to(int(entry), cmdline, root):
             continue

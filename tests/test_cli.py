@@ -175,3 +175,21 @@ def test_template_isolation_picks_and_limits_the_runtime(state_root: Path, tmp_p
     r = corral(state_root, "run", "--template", str(template), "--", "true", runtime="crun")
     assert r.returncode == 125
     assert "does not allow isolation 'container'" in r.stderr.decode()
+
+
+def test_create_publishes_ports_and_says_where(state_root: Path) -> None:
+    created = corral(state_root, "create", "-p", "0:8000", "--publish", "8001", "--label", "t=1")
+    assert created.returncode == 0, created.stderr
+    sandbox = created.stdout.decode().strip()
+    try:
+        said = [s for s in created.stderr.decode().splitlines() if s.startswith("corral: ")]
+        assert [line.rsplit(" ", 1)[-1] for line in said] == ["8000", "8001"], said
+        assert all(line.startswith("corral: 127.0.0.1:") for line in said), said
+        shown = json.loads(corral(state_root, "inspect", "--json", sandbox).stdout)
+        ports = {p["container_port"]: p for p in shown["ports"]}
+        assert said[0] == f"corral: 127.0.0.1:{ports[8000]['host_port']} -> port 8000"
+    finally:
+        assert corral(state_root, "rm", sandbox).returncode == 0
+    refused = corral(state_root, "create", "-p", "0.0.0.0:0:8000")
+    assert refused.returncode != 0
+    assert b"may not be published on 0.0.0.0" in refused.stderr

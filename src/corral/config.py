@@ -53,6 +53,9 @@ class Settings(BaseModel):
     backend: str = "oci"
     default_template: str = "default"
     max_file_bytes: int = Field(default=64 << 20, ge=1)
+    # Host addresses sandboxes' ports may be published on; the first is the default.
+    # Loopback only unless the operator adds e.g. a private interface's address.
+    publish_addresses: tuple[str, ...] = Field(default=("127.0.0.1",), min_length=1)
     # None: SQLite in the state directory; else e.g. postgresql+psycopg://user@/corral
     database_url: str | None = None
     oci: OciSettings = OciSettings()

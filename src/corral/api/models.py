@@ -30,6 +30,22 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PublishPort(_Body):
+    """A TCP port inside the sandbox to publish on the server's host: on `host_ip`
+    (an address the operator allows; the first of them if null) at `host_port`
+    (0: a free port, reported in the sandbox's `ports`)."""
+
+    container_port: int = Field(ge=1, le=65535)
+    host_port: int = Field(default=0, ge=0, le=65535)
+    host_ip: str | None = Field(default=None, max_length=45)
+
+
+class PublishedPort(BaseModel):
+    container_port: int
+    host_port: int
+    host_ip: str
+
+
 class SandboxCreate(_Body):
     """A new sandbox. `template` names a template the server knows; `template_spec`
     carries a whole template (the parsed TOML) instead, without host mounts."""
@@ -47,6 +63,7 @@ class SandboxCreate(_Body):
     labels: dict[Key, Value] = Field(default_factory=dict)
     metadata: dict[Key, Any] = Field(default_factory=dict)
     name: Name | None = None
+    ports: list[PublishPort] = Field(default_factory=list, max_length=32)
 
 
 class SandboxPatch(_Body):
@@ -81,6 +98,7 @@ class Sandbox(BaseModel):
     pool: str | None = None  # the warm pool it idles in, until claimed
     restarts: int = 0  # pets: restarts by the restart policy
     pet: dict[str, Any] | None = None  # pets: restart policy, volume, service
+    ports: list[PublishedPort] = Field(default_factory=list)  # as bound on the host
 
     @classmethod
     def from_record(cls, record: SandboxRecord) -> Sandbox:
@@ -103,6 +121,7 @@ class Sandbox(BaseModel):
             pool=record.pool,
             restarts=record.restarts,
             pet=_pet_facts(record),
+            ports=[PublishedPort(**p) for p in record.spec.get("ports", ())],
         )
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "HostMount",
     "ImageRef",
     "Output",
+    "PortMapping",
     "SandboxConfig",
     "SandboxLimits",
     "SandboxStats",
@@ -41,6 +42,7 @@ class Capability(StrEnum):
     NETWORK_EGRESS = "network-egress"  # network="egress" works
     CPUSET = "cpuset"  # limits.cpuset is enforced
     USER_NAMESPACE = "user-namespace"  # sandbox root is not host root
+    PUBLISH_PORTS = "publish-ports"  # config.ports are published on the host
 
 
 class BackendStatus(StrEnum):
@@ -90,6 +92,23 @@ class HostMount:
 
 
 @dataclass(frozen=True, slots=True)
+class PortMapping:
+    """A TCP port inside the sandbox published on the host at `host_ip`:`host_port`
+    (0: a free port the backend picks; the sandbox's record says which)."""
+
+    container_port: int
+    host_port: int = 0
+    host_ip: str = "127.0.0.1"
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {
+            "container_port": self.container_port,
+            "host_port": self.host_port,
+            "host_ip": self.host_ip,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class SandboxConfig:
     """Everything a backend needs to create one sandbox."""
 
@@ -101,6 +120,7 @@ class SandboxConfig:
     network: Literal["none", "egress"] = "none"
     labels: Mapping[str, str] = field(default_factory=dict)
     runtime: str | None = None  # e.g. crun, runc, runsc; None: the backend's default
+    ports: Sequence[PortMapping] = ()  # needs Capability.PUBLISH_PORTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +320,10 @@ class Backend(abc.ABC):
         restarting it (Capability.CPUSET): after it returns, its processes run only
         there; on failure its pinning is unchanged."""
         raise UnsupportedError(f"{self.name} cannot re-pin running sandboxes", backend=self.name)
+
+    async def published_ports(self, sandbox_id: str) -> list[PortMapping]:
+        """The sandbox's published ports as bound on the host (host_port 0 resolved)."""
+        return []
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release backend-wide resources (connections); sandboxes keep running."""

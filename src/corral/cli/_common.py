@@ -15,6 +15,7 @@ from corral.config import Settings
 from corral.errors import CorralError, UserError
 
 if TYPE_CHECKING:
+    from corral.api.models import Sandbox
     from corral.cli.targets import Target
     from corral.runtime.manager import SandboxManager
     from corral.store import Store
@@ -107,3 +108,10 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
 
 def parse_labels(pairs: list[str] | None) -> dict[str, str]:
     return _parse_pairs(pairs, "--label", "KEY=VALUE", "team=infra")
+
+
+def say_ports(sandbox: Sandbox) -> None:
+    """Where the sandbox's published ports are, on stderr (stdout stays the id/output)."""
+    for port in sandbox.ports:
+        host = f"[{port.host_ip}]" if ":" in port.host_ip else port.host_ip
+        sys.stderr.write(f"corral: {host}:{port.host_port} -> port {port.container_port}\n")

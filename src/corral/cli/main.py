@@ -11,7 +11,15 @@ import typer
 import typer.main
 
 from corral.cli import context_cmds, host_cmds, images_cmds, pet_cmds, pool_cmds, server_cmds
-from corral.cli._common import STATE, fail, parse_env, parse_labels, print_json, run_async
+from corral.cli._common import (
+    STATE,
+    fail,
+    parse_env,
+    parse_labels,
+    print_json,
+    run_async,
+    say_ports,
+)
 from corral.errors import UserError
 
 if TYPE_CHECKING:
@@ -54,6 +62,12 @@ DiskOpt = Annotated[Optional[str], typer.Option(help="Scratch size, e.g. 256M.")
 EnvOpt = Annotated[Optional[list[str]], typer.Option("--env", "-e", help="NAME=VALUE.")]  # noqa: UP045
 LabelOpt = Annotated[Optional[list[str]], typer.Option("--label", "-l", help="KEY=VALUE.")]  # noqa: UP045
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+PublishOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option(
+        "--publish", "-p", help="Publish a TCP port: [[IP:]HOST:]CONTAINER (HOST 0: any free)."
+    ),
+]
 FromPoolOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option("--from-pool", help="Claim a ready sandbox from this warm pool."),
@@ -136,6 +150,7 @@ def run(
         list[str] | None, typer.Option(help="Copy LOCAL:/path in before running.")
     ] = None,
     label: LabelOpt = None,
+    publish: PublishOpt = None,
     from_pool: FromPoolOpt = None,
 ) -> None:
     """Run COMMAND in a fresh sandbox, stream its output, destroy it, exit with its status."""
@@ -146,7 +161,7 @@ def run(
         target = STATE.target()
         try:
             if from_pool is not None:
-                _pool_fixes(memory=memory, cpus=cpus, pids=pids, disk=disk)
+                _pool_fixes(memory=memory, cpus=cpus, pids=pids, disk=disk, publish=publish)
                 sandbox = await _claim(target, from_pool, timeout=timeout, labels=labels)
             else:
                 sandbox = await target.create(
@@ -157,7 +172,9 @@ def run(
                     disk=disk,
                     timeout=timeout,
                     labels=labels,
+                    ports=publish or (),
                 )
+                say_ports(sandbox)
             try:
                 for remote, data in files:
                     await target.put_file(sandbox.id, remote, data)
@@ -185,16 +202,20 @@ def create(
     env: EnvOpt = None,
     label: LabelOpt = None,
     name: Annotated[Optional[str], typer.Option(help="A name to use instead of the id.")] = None,  # noqa: UP045
+    publish: PublishOpt = None,
     json_out: JsonOpt = False,
     from_pool: FromPoolOpt = None,
 ) -> None:
-    """Create a sandbox that stays up; prints its id."""
+    """Create a sandbox that stays up; prints its id (published ports on stderr)."""
 
     async def go() -> Sandbox:
         target = STATE.target()
         try:
             if from_pool is not None:
-                _pool_fixes(memory=memory, cpus=cpus, pids=pids, disk=disk, cpuset=cpuset, env=env)
+                _pool_fixes(
+                    memory=memory, cpus=cpus, pids=pids, disk=disk, cpuset=cpuset, env=env,
+                    publish=publish,
+                )  # fmt: skip
                 return await _claim(
                     target, from_pool, timeout=timeout, labels=parse_labels(label), name=name
                 )
@@ -210,6 +231,7 @@ def create(
                 labels=parse_labels(label),
                 name=name,
                 progress=True,
+                ports=publish or (),
             )
         finally:
             await target.aclose()
@@ -218,6 +240,7 @@ def create(
     if json_out:
         print_json(sandbox.model_dump(mode="json"))
     else:
+        say_ports(sandbox)
         sys.stdout.write(sandbox.id + "\n")
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from corral.cli._common import STATE, parse_env, parse_labels, print_json, run_async
+from corral.cli._common import STATE, parse_env, parse_labels, print_json, run_async, say_ports
 from corral.cli.targets import LocalTarget, RemoteTarget
 
 if TYPE_CHECKING:
@@ -96,6 +96,10 @@ def deploy(
     cpuset: Annotated[Optional[str], typer.Option(help="These CPUs, e.g. 2-3.")] = None,  # noqa: UP045
     env: Annotated[Optional[list[str]], typer.Option("--env", "-e", help="NAME=VALUE.")] = None,  # noqa: UP045
     label: Annotated[Optional[list[str]], typer.Option("--label", "-l", help="KEY=VALUE.")] = None,  # noqa: UP045
+    publish: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--publish", "-p", help="[[IP:]HOST:]CONTAINER (default: its service's)."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Start TEMPLATE's service as a pet named NAME; prints its id.
@@ -116,6 +120,7 @@ def deploy(
                 cpuset=cpuset,
                 env=parse_env(env),
                 labels=parse_labels(label),
+                ports=publish or (),
             )
         finally:
             await target.aclose()
@@ -213,4 +218,5 @@ def _print(sandbox: Sandbox, json_out: bool) -> None:
     if json_out:
         print_json(sandbox.model_dump(mode="json"))
     else:
+        say_ports(sandbox)
         sys.stdout.write(sandbox.id + "\n")

@@ -13,6 +13,7 @@ from urllib.parse import quote
 from pydantic import ValidationError
 
 from corral.api import models
+from corral.backends.ports import split_port
 from corral.client._base import Call, ModelT
 from corral.client._events import argv_list, stdin_base64
 from corral.errors import NotFoundError, TemplateError, UserError
@@ -37,6 +38,28 @@ class SandboxOptions(TypedDict, total=False):
     labels: Mapping[str, str]
     metadata: Mapping[str, Any]
     name: str
+    # Published on the server's host: 8080, "18080:8080", "127.0.0.1:0:8080", or
+    # {"container_port": 8080, "host_port": 0, "host_ip": ...}.
+    ports: Sequence[int | str | Mapping[str, Any]]
+
+
+def _port_fields(port: int | str | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(port, Mapping):
+        return port
+    if isinstance(port, int):
+        return {"container_port": port}
+    host_ip, host_port, container_port = split_port(port)
+    fields: dict[str, Any] = {"container_port": container_port, "host_port": host_port}
+    if host_ip is not None:
+        fields["host_ip"] = host_ip
+    return fields
+
+
+def _sandbox_fields(options: SandboxOptions) -> dict[str, Any]:
+    fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    if "ports" in fields:
+        fields["ports"] = [_port_fields(p) for p in fields["ports"]]
+    return fields
 
 
 def _sandbox_path(sandbox_id: str, tail: str = "") -> str:
@@ -86,7 +109,7 @@ def tenants_call() -> Call:
 
 def create_call(template: str | os.PathLike[str], options: SandboxOptions) -> Call:
     """A named template is sent by name; a local .toml file is read and sent whole."""
-    fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    fields = _sandbox_fields(options)
     fields.update(template_fields(template))
     body = _validated(models.SandboxCreate, fields, "sandbox settings")
     return Call(
@@ -348,7 +371,7 @@ def pet_create_call(
     """Like `create_call`, for a pet (POST /v1/pets); `options` must name it."""
     if not options.get("name"):
         raise UserError("a pet needs a name", hint="pass name=... (unique among your sandboxes)")
-    fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    fields = _sandbox_fields(options)
     fields.update({k: v for k, v in (("volume", volume), ("restart", restart)) if v is not None})
     fields.update(template_fields(template))
     body = _validated(models.PetCreate, fields, "pet settings")

@@ -23,16 +23,20 @@ from typing import TYPE_CHECKING, Any
 from corral.backends.base import (
     Backend,
     BackendStatus,
+    Capability,
     ExecEvent,
     ExecRequest,
     ExecResult,
     HostMount,
+    PortMapping,
     SandboxConfig,
     SandboxStats,
 )
+from corral.backends.ports import DEFAULT_ADDRESS, check_addresses, parse_port, port_mapping
 from corral.errors import (
     FileTooLargeError,
     InvalidStateError,
+    UnsupportedError,
 )
 from corral.runtime import admission, housekeeping, transfer
 from corral.runtime.owners import new_sandbox_id, owner_alive, this_process
@@ -58,12 +62,15 @@ class SandboxManager:
         *,
         max_file_bytes: int = 64 << 20,
         default_runtime: str | None = None,
+        publish_addresses: Sequence[str] = (DEFAULT_ADDRESS,),
     ) -> None:
         self.backend = backend
         self.store = store
         self.images = images
         self.max_file_bytes = max_file_bytes
         self.default_runtime = default_runtime
+        # Host addresses sandboxes' ports may be published on (the first by default).
+        self.publish_addresses = tuple(publish_addresses)
 
     @functools.cached_property
     def pets(self) -> PetManager:
@@ -87,6 +94,7 @@ class SandboxManager:
             ImageStore(settings.state_dir / "images"),
             max_file_bytes=settings.max_file_bytes,
             default_runtime=settings.oci.runtime if settings.backend == "oci" else None,
+            publish_addresses=settings.publish_addresses,
         )
 
     # -- create / destroy -----------------------------------------------------
@@ -111,18 +119,22 @@ class SandboxManager:
         pool: str | None = None,
         pet: Mapping[str, Any] | None = None,
         extra_mounts: Sequence[HostMount] = (),
+        ports: Sequence[PortMapping | str | int] = (),
     ) -> SandboxRecord:
         """Create and start a sandbox for `tenant`; on failure nothing is left (record
         included). The tenant's quota is checked in the same transaction as the insert.
-        With `pool` it idles in that warm pool (no timeout) until claimed."""
+        With `pool` it idles in that warm pool (no timeout) until claimed. `ports`
+        (PortMapping, or "[[IP:]HOST:]CONTAINER" / a container port) are published
+        on the host, on the first of `publish_addresses` unless one is given."""
         spec = template if isinstance(template, Template) else load_template(template)
+        published = self._ports(ports)
         if spec.kind == "persistent" and pet is None:
             # A pet: its name, volume, pinned CPUs and memory are settled by the pets'
             # allocator, which then comes back here with `pet` and the volume mount.
             return await self.pets.create(
                 spec, runtime=runtime, memory=memory, cpus=cpus, pids=pids, disk=disk,
                 cpuset=cpuset, env=env, labels=labels, metadata=metadata, name=name,
-                tenant=tenant, progress=progress,
+                tenant=tenant, progress=progress, ports=published,
             )  # fmt: skip
         runtime = self._choose_runtime(spec, runtime)
         # In a thread: a first build of a template can take a while, and a server's
@@ -182,15 +194,37 @@ class SandboxManager:
             network=spec.network,
             labels=dict(labels or {}),
             runtime=runtime,
+            ports=published,
         )
+        facts: dict[str, Any] = {}
         try:
             await self.backend.create(config)
+            if published:  # as bound: a host port 0 is now the one picked
+                bound = await self.backend.published_ports(sandbox_id)
+                facts["spec"] = dict(record.spec) | {"ports": [p.as_dict() for p in bound]}
         except BaseException:
             # Shielded: a caller cancelled mid-create (a client hung up) must still
             # get the release done, or the sandbox would outlive its record.
             await asyncio.shield(self._abandon(sandbox_id))
             raise
-        return self.store.update(sandbox_id, state=SandboxState.RUNNING, owner=None)
+        return self.store.update(sandbox_id, state=SandboxState.RUNNING, owner=None, **facts)
+
+    def _ports(self, ports: Sequence[PortMapping | str | int]) -> list[PortMapping]:
+        default = self.publish_addresses[0]
+        published = [
+            p if isinstance(p, PortMapping)
+            else port_mapping(p, host_ip=default) if isinstance(p, int)
+            else parse_port(p, default_ip=default)
+            for p in ports
+        ]  # fmt: skip
+        if published and Capability.PUBLISH_PORTS not in self.backend.capabilities:
+            raise UnsupportedError(
+                f"the {self.backend.name} backend cannot publish ports",
+                backend=self.backend.name,
+                hint="use the oci or podman backend for sandboxes with published ports",
+            )
+        check_addresses(published, self.publish_addresses)
+        return published
 
     async def _abandon(self, sandbox_id: str) -> None:
         with contextlib.suppress(Exception):

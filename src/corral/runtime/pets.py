@@ -21,7 +21,13 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from corral.backends.base import HostMount, SandboxConfig, SandboxLimits
+from corral.backends.base import (
+    Capability,
+    HostMount,
+    PortMapping,
+    SandboxConfig,
+    SandboxLimits,
+)
 from corral.errors import (
     ConflictError,
     CorralError,
@@ -90,6 +96,12 @@ class PetManager:
         limits = limits_for(spec, vcpus=cpus, memory=memory, cpuset=cpuset)
         volume_spec = spec.volume or Volume()
         size = _volume_size(volume) if volume is not None else volume_spec.size
+        if (
+            not create.get("ports")
+            and spec.service is not None
+            and Capability.PUBLISH_PORTS in self.manager.backend.capabilities
+        ):  # the service's ports, on free host ports (its record says which)
+            create["ports"] = list(spec.service.ports)
         async with self._allocating:
             self._check_name(name, tenant)
             pinned = self._allocate(limits)
@@ -319,6 +331,8 @@ class PetManager:
             network=spec.network,
             labels=dict(record.labels),
             runtime=record.runtime,
+            # The same host ports as before: a pet's address outlives its sandbox.
+            ports=[PortMapping(**p) for p in record.spec.get("ports", [])],
         )
 
     async def recreate(self, record: SandboxRecord) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from corral._sys import cgroups, mounts
+from corral.backends import ports
 from corral.backends.base import (
     Backend,
     BackendStatus,
@@ -30,6 +31,7 @@ from corral.backends.base import (
     ExecEvent,
     ExecRequest,
     Output,
+    PortMapping,
     SandboxConfig,
     SandboxStats,
 )
@@ -79,7 +81,9 @@ class OciBackend(Backend):
     """Drive crun (default), runc or runsc (gVisor) directly; see the module docstring."""
 
     name: ClassVar[str] = "oci"
-    capabilities = frozenset({Capability.PAUSE, Capability.CPUSET, Capability.USER_NAMESPACE})
+    capabilities = frozenset(
+        {Capability.PAUSE, Capability.CPUSET, Capability.USER_NAMESPACE, Capability.PUBLISH_PORTS}
+    )
     runtimes: ClassVar[tuple[str, ...]] = ("crun", "runc", "runsc")
 
     def __init__(self, state_dir: Path, *, runtime: str = "crun") -> None:
@@ -130,6 +134,13 @@ class OciBackend(Backend):
         runtime = get_runtime(config.runtime or self.default_runtime)
         runtime.binary()
         refuse_network(config, self.name, "use network='none', or the podman backend for egress")
+        if config.ports and not runtime.in_kernel:
+            raise UnsupportedError(
+                f"{runtime.name} cannot publish ports here: gVisor's network stack is its own",
+                sandbox_id=config.sandbox_id,
+                backend=self.name,
+                hint="use runtime crun or runc, or the podman backend with network 'egress'",
+            )
         sandbox_dir = claim_dir(self.sandboxes_dir, config.sandbox_id, self.name)
         await released_on_failure(
             self._create(config, runtime, sandbox_dir), self.destroy, config.sandbox_id
@@ -189,12 +200,32 @@ class OciBackend(Backend):
                 stderr_tail=_tail(log),
                 hint="run `corral doctor` to check the host",
             )
+        if config.ports:
+            pid = await self._init_pid(runtime, container, config.sandbox_id)
+            await ports.start_forwarder(
+                sandbox_dir, config.sandbox_id, pid, config.ports, self.name
+            )
+
+    async def _init_pid(self, runtime: OciRuntime, container: str, sandbox_id: str) -> int:
+        rc, out, err = await _run(runtime.command(self._root(runtime), "state", container))
+        if rc != 0:
+            raise SandboxStartError(
+                f"{runtime.name} state failed (exit {rc})",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                stderr_tail=err.decode(errors="replace")[-500:],
+            )
+        return int(json.loads(out)["pid"])
+
+    async def published_ports(self, sandbox_id: str) -> list[PortMapping]:
+        return ports.read_ports(self._dir(sandbox_id))
 
     async def destroy(self, sandbox_id: str) -> None:
         standby = self._standbys.pop(sandbox_id, None)
         if standby is not None:
             await standby.close()
         sandbox_dir = self._dir(sandbox_id)
+        await ports.stop_forwarder(sandbox_dir, sandbox_id)
         try:
             meta: _Meta | None = self._meta(sandbox_id)
         except (NotFoundError, ValueError, TypeError):

@@ -27,12 +27,14 @@ from typing import ClassVar
 import httpx
 
 from corral._sys import cgroups, mounts, procs
+from corral.backends import ports
 from corral.backends.base import (
     Backend,
     BackendStatus,
     Capability,
     ExecEvent,
     ExecRequest,
+    PortMapping,
     SandboxConfig,
     SandboxStats,
 )
@@ -111,7 +113,7 @@ class PodmanBackend(Backend):
     ) -> None:
         # The same error as the oci backend's for an unknown name.
         quirks = get_runtime(runtime)
-        capabilities = {Capability.PAUSE, Capability.CPUSET}
+        capabilities = {Capability.PAUSE, Capability.CPUSET, Capability.PUBLISH_PORTS}
         if quirks.user_namespace:
             capabilities.add(Capability.USER_NAMESPACE)
         if shutil.which("slirp4netns"):
@@ -181,6 +183,14 @@ class PodmanBackend(Backend):
                 backend=self.name,
                 hint="apt-get install slirp4netns, or use network='none'",
             )
+        if config.ports and runtime == "runsc" and config.network == "none":
+            raise UnsupportedError(
+                "runsc cannot publish ports of a sandbox with network 'none' here:"
+                " gVisor's network stack is its own",
+                sandbox_id=config.sandbox_id,
+                backend=self.name,
+                hint="use network 'egress' (Podman publishes the ports), or runtime crun/runc",
+            )
         sandbox_dir = claim_dir(self.sandboxes_dir, config.sandbox_id, self.name)
         await released_on_failure(
             self._create(config, runtime, sandbox_dir), self.destroy, config.sandbox_id
@@ -244,6 +254,23 @@ class PodmanBackend(Backend):
         started = await service.request("POST", f"/containers/{container_id}/start")
         if started.status_code not in (204, 304):
             raise self._start_error(config.sandbox_id, runtime, "start", started)
+        if config.ports:
+            await self._publish(config, service, container_id, sandbox_dir)
+
+    async def _publish(
+        self, config: SandboxConfig, service: PodmanService, container_id: str, sandbox_dir: Path
+    ) -> None:
+        inspected = await service.request("GET", f"/containers/{container_id}/json")
+        if inspected.status_code != 200:
+            raise self._start_error(config.sandbox_id, config.runtime or "", "inspect", inspected)
+        # Corral's forwarder on either network (not Podman's port mappings): it
+        # reaches a service listening on the sandbox's loopback too, and under
+        # runsc-egress gVisor uses the namespace's own stack, so it works there.
+        pid = int(inspected.json()["State"]["Pid"])
+        await ports.start_forwarder(sandbox_dir, config.sandbox_id, pid, config.ports, self.name)
+
+    async def published_ports(self, sandbox_id: str) -> list[PortMapping]:
+        return ports.read_ports(self._dir(sandbox_id))
 
     def _start_error(
         self, sandbox_id: str, runtime: str, step: str, response: httpx.Response
@@ -258,6 +285,7 @@ class PodmanBackend(Backend):
 
     async def destroy(self, sandbox_id: str) -> None:
         sandbox_dir = self._dir(sandbox_id)
+        await ports.stop_forwarder(sandbox_dir, sandbox_id)
         container = CONTAINER_PREFIX + sandbox_id
         if self.podman.storage_conf.exists():
             # Killed first: podman's own stop polls for the exit (~100 ms more).

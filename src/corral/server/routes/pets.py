@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from corral.api.models import PetCreate, Promotion, Sandbox
 from corral.server.app import runtime_of
 from corral.server.auth import CallerDep
-from corral.server.routes.sandboxes import _template
+from corral.server.routes.sandboxes import _template, publish_ports
 
 router = APIRouter(tags=["pets"])
 
@@ -37,6 +37,7 @@ async def create_pet(request: Request, body: PetCreate, caller: CallerDep) -> Sa
         env=body.env,
         labels=body.labels,
         metadata=body.metadata,
+        ports=publish_ports(runtime.manager, body.ports),
     )
     return Sandbox.from_record(record)
 

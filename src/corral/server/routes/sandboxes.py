@@ -9,13 +9,17 @@ from pydantic import ValidationError
 
 from corral.api.models import (
     Inspection,
+    PublishPort,
     Sandbox,
     SandboxCreate,
     SandboxPatch,
     Stats,
     TimeoutUpdate,
 )
+from corral.backends.base import PortMapping
+from corral.backends.ports import port_mapping
 from corral.errors import PermissionDeniedError, UserError
+from corral.runtime.manager import SandboxManager
 from corral.server.app import runtime_of
 from corral.server.auth import Caller, CallerDep
 from corral.server.routes.system import resolve_template
@@ -50,6 +54,13 @@ def _template(request: Request, body: SandboxCreate, caller: Caller) -> Template
     return template
 
 
+def publish_ports(manager: SandboxManager, ports: list[PublishPort]) -> list[PortMapping]:
+    """The request's ports to publish, on the server's first allowed address unless
+    the request names one (the manager refuses addresses the operator did not allow)."""
+    default = manager.publish_addresses[0]
+    return [port_mapping(p.container_port, p.host_port, p.host_ip or default) for p in ports]
+
+
 @router.post("/sandboxes", status_code=201, response_model=Sandbox)
 async def create_sandbox(request: Request, body: SandboxCreate, caller: CallerDep) -> Sandbox:
     """Create and start a sandbox owned by the caller's tenant."""
@@ -70,6 +81,7 @@ async def create_sandbox(request: Request, body: SandboxCreate, caller: CallerDe
         metadata=body.metadata,
         name=body.name,
         tenant=caller.tenant,
+        ports=publish_ports(runtime.manager, body.ports),
     )
     return to_model(record)
 
