@@ -317,3 +317,25 @@ async def _starts(manager: SandboxManager, pet: SandboxRecord, count: int) -> bo
 def _log(pets: PetManager, pet: SandboxRecord) -> str:
     path = pets.log_path(pet)
     return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.runtime
+async def test_a_services_ports_are_published_and_keep_their_address(
+    oci_manager: SandboxManager,
+) -> None:
+    from tests.test_ports import ECHO, _echo
+
+    template = pet_template(command=["python3", "-c", ECHO, "7000", "100"], ports=[7000])
+    pet = await oci_manager.create(template, name="served", memory="64M")
+    (port,) = pet.spec["ports"]
+    assert (port["container_port"], port["host_ip"]) == (7000, "127.0.0.1")
+    supervisor = PetSupervisor(oci_manager, scan_interval=0.1)
+    supervisor.start()
+    try:
+        assert await _echo(port["host_port"], b"hello pet") == b"HELLO PET"
+        # Lost (as in a host reboot): the supervisor re-creates it on the same port.
+        await oci_manager.backend.destroy(pet.id)
+        assert await _echo(port["host_port"], b"again", deadline=60) == b"AGAIN"
+        assert "re-creating it" in _log(oci_manager.pets, pet)
+    finally:
+        await supervisor.stop()
