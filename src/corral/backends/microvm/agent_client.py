@@ -1,12 +1,13 @@
 """The host side of the guest agent's framed protocol (docs/microvm.md).
 
 Every frame is a 4-byte big-endian length (type byte + payload), a type byte and
-the payload. A VM has several virtio-serial ports; a request takes a free one
-(an flock on `port-N.lock`, so other processes driving the same VM take
+the payload. A QEMU VM has several virtio-serial ports; a request takes a free
+one (an flock on `port-N.lock`, so other processes driving the same VM take
 others), connects to its unix socket and opens with HELLO (magic + nonce): the
 guest drops whatever a previous client left half-sent, and the host skips
 stale bytes until the echo of its own nonce. Closing the connection mid-request
-kills that request's processes in the guest.
+kills that request's processes in the guest. Firecracker and Cloud Hypervisor
+VMs are reached over vsock instead, a connection per request (vsock.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from corral.backends.base import ExecEvent, ExitStatus, Output
 from corral.errors import ExecError
 
-__all__ = ["AgentConnection", "AgentError", "connect", "encode_exec"]
+__all__ = ["AgentConnection", "AgentError", "connect", "encode_exec", "hello"]
 
 HELLO_MAGIC = b"CORRAL\x01\x00"
 MAX_FRAME = 1 << 20
@@ -71,7 +72,7 @@ class AgentConnection:
     """One port of one VM, held (locked and connected) for one request."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lock_fd: int
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lock_fd: int | None
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -192,10 +193,11 @@ class AgentConnection:
         self.writer.close()
         with contextlib.suppress(OSError, ConnectionError):
             await self.writer.wait_closed()
-        os.close(self._lock_fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
 
 
-async def _hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait: float) -> bool:
+async def hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait: float) -> bool:
     """Send HELLO, and skip whatever arrives until its echo; False if none came in time."""
     nonce = secrets.token_bytes(8)
     writer.write(frame(b"H", HELLO_MAGIC + nonce))
@@ -246,7 +248,7 @@ async def connect(run_dir: Path, ports: int, *, deadline: float = 30.0) -> Agent
                 continue
             try:
                 for _ in range(8):
-                    if await _hello(reader, writer, min(2.0, max(0.1, until - time.monotonic()))):
+                    if await hello(reader, writer, min(2.0, max(0.1, until - time.monotonic()))):
                         return AgentConnection(reader, writer, lock_fd)
                     if time.monotonic() >= until:
                         break

@@ -2,12 +2,21 @@
  * corral-agent: PID 1 of every Corral microVM.
  *
  * Boots the guest (modules, disks, switch to the template's rootfs, cgroups),
- * then serves the host over virtio-serial ports with the framed protocol in
- * docs/microvm.md: exec with streamed output, stdin, env, cwd and timeouts,
- * file put/get, health, clock set, stats. Each port carries one request at a
- * time; the host takes a free port per request. A port whose host side goes
- * away (client gone, VM restored elsewhere) kills its request and waits for
- * the next HELLO. Built static (gcc -static), no dependencies.
+ * then serves the host with the framed protocol in docs/microvm.md: exec with
+ * streamed output, stdin, env, cwd and timeouts, file put/get, health, clock
+ * set, stats. The transport is chosen on the kernel command line: virtio-serial
+ * ports (QEMU; the default), or with `corral.vsock=PORT` an AF_VSOCK listener
+ * where every accepted connection is a port of its own (Firecracker, Cloud
+ * Hypervisor). Each port carries one request at a time. A port whose host side
+ * goes away (client gone, VM restored elsewhere) kills its request; a virtio
+ * port then waits for the next HELLO, a vsock connection is closed.
+ *
+ * `corral-agent --host DIR CMDLINE` is a test mode, never used in a VM: no
+ * boot, no cgroups, no clock; it runs as an ordinary (unprivileged) host
+ * process, serves the vsock port named in CMDLINE as the unix socket
+ * DIR/vsock-PORT.sock, and treats DIR as the guest's root for the paths of
+ * file requests and exec's cwd. Tests run it as a simulated guest behind
+ * stand-in VMMs. Built static (gcc -static), no dependencies.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -36,13 +45,16 @@
 #include <unistd.h>
 #include <grp.h>
 #include <linux/random.h>
+#include <linux/vm_sockets.h>
+#include <sys/un.h>
 
-#define MAX_PORTS 16
+#define MAX_PORTS 32
 #define MAX_FRAME (1u << 20)
 #define CHUNK 65536
 #define OUT_HIGH (256u << 10)
 #define CG "/sys/fs/cgroup/sandbox"
 static const char HELLO_MAGIC[8] = {'C', 'O', 'R', 'R', 'A', 'L', 1, 0};
+static const char *host_root;   /* host mode: the simulated guest's root directory */
 
 /* -- small helpers ------------------------------------------------------ */
 
@@ -55,7 +67,7 @@ static void logmsg(const char *fmt, ...) {
     if (n < 0) return;
     if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
     buf[n++] = '\n';
-    int fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+    int fd = host_root ? dup(2) : open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
     if (fd >= 0) {
         if (write(fd, "corral-agent: ", 14) < 0 || write(fd, buf, n) < 0) { /* nothing to do */ }
         close(fd);
@@ -64,6 +76,7 @@ static void logmsg(const char *fmt, ...) {
 
 static void die(const char *what) {
     logmsg("fatal: %s: %s", what, strerror(errno));
+    if (host_root) exit(1);
     sleep(1);
     syscall(SYS_reboot, 0xfee1dead, 672274793, 0x4321fedc, NULL); /* power off */
     _exit(1);
@@ -196,6 +209,7 @@ typedef struct {
     char name[32];
     char dev[64];
     int fd;
+    int conn;     /* an accepted vsock (or host-mode unix) connection, not a virtio port */
     int up;       /* host connected */
     int resync;   /* discard input until a HELLO */
     buf_t in, out;
@@ -204,6 +218,7 @@ typedef struct {
 
 static port_t ports[MAX_PORTS];
 static int nports;
+static int listener = -1;       /* vsock mode: the listening socket */
 static unsigned exec_counter;
 static char lingering[64][96];
 static int nlingering;
@@ -233,13 +248,14 @@ static void close_fd(int *fd) {
 }
 
 static void kill_cgroup(const char *cgroup) {
+    if (!cgroup[0]) return; /* host mode: no cgroups */
     char path[128];
     snprintf(path, sizeof path, "%s/cgroup.kill", cgroup);
     write_file(path, "1");
 }
 
 static void forget_cgroup(const char *cgroup) {
-    if (rmdir(cgroup) == 0 || errno == ENOENT) return;
+    if (!cgroup[0] || rmdir(cgroup) == 0 || errno == ENOENT) return;
     if (nlingering < 64) snprintf(lingering[nlingering++], 96, "%s", cgroup);
 }
 
@@ -284,6 +300,13 @@ static void session_abort(session_t *s) {
     session_reset(s);
 }
 
+/* Host mode: an absolute guest path lives under the simulated guest's root. */
+static const char *guest_path(const char *path, char *buf, size_t size) {
+    if (!host_root || path[0] != '/') return path;
+    snprintf(buf, size, "%s%s", host_root, path);
+    return buf;
+}
+
 /* -- exec ---------------------------------------------------------------- */
 
 static void start_exec(port_t *p, rd_t *r) {
@@ -305,8 +328,8 @@ static void start_exec(port_t *p, rd_t *r) {
         send_result(p, EINVAL, "malformed exec request");
         goto out;
     }
-    snprintf(s->cgroup, sizeof s->cgroup, CG "/x%u", ++exec_counter);
-    if (mkdir(s->cgroup, 0755) < 0 && errno != EEXIST) {
+    if (!host_root) snprintf(s->cgroup, sizeof s->cgroup, CG "/x%u", ++exec_counter);
+    if (s->cgroup[0] && mkdir(s->cgroup, 0755) < 0 && errno != EEXIST) {
         send_result(p, errno, "cannot create the command's cgroup");
         goto out;
     }
@@ -322,12 +345,15 @@ static void start_exec(port_t *p, rd_t *r) {
         sigemptyset(&all);
         sigprocmask(SIG_SETMASK, &all, NULL);
         for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
-        setsid();
+        /* Host mode stays in the stand-in VMM's session, so killing it kills the guest. */
+        if (host_root) setpgid(0, 0); else setsid();
         prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-        char procs[128];
-        snprintf(procs, sizeof procs, "%s/cgroup.procs", s->cgroup);
-        write_file(procs, "0");
-        write_file("/proc/self/oom_score_adj", "0");
+        if (!host_root) {
+            char procs[128];
+            snprintf(procs, sizeof procs, "%s/cgroup.procs", s->cgroup);
+            write_file(procs, "0");
+            write_file("/proc/self/oom_score_adj", "0");
+        }
         int nul = open("/dev/null", O_RDWR);
         dup2(has_stdin ? in[0] : nul, 0);
         dup2(out[1], 1);
@@ -335,8 +361,11 @@ static void start_exec(port_t *p, rd_t *r) {
         struct rlimit core = {0, 0};
         setrlimit(RLIMIT_CORE, &core);
         int e = 0;
-        if (setgroups(0, NULL) || setgid(gid) || setuid(uid)) e = errno;
-        if (!e && cwd[0] && chdir(cwd)) e = errno;
+        char where[1024];
+        /* Host mode runs unprivileged: it can only run commands as itself. */
+        if (host_root && (uid != getuid() || gid != getgid())) e = EPERM;
+        else if (!host_root && (setgroups(0, NULL) || setgid(gid) || setuid(uid))) e = errno;
+        if (!e && cwd[0] && chdir(guest_path(cwd, where, sizeof where))) e = errno;
         if (!e) {
             environ = envp;
             execvp(argv[0], argv);
@@ -420,6 +449,8 @@ static void maybe_finish_exec(port_t *p) {
 /* -- files --------------------------------------------------------------- */
 
 static int open_as(const char *path, int flags, mode_t mode, uint32_t uid, uint32_t gid) {
+    char where[1024];
+    path = guest_path(path, where, sizeof where);
     setfsgid(gid);
     setfsuid(uid);
     int fd = open(path, flags | O_CLOEXEC | O_NOCTTY, mode);
@@ -529,7 +560,8 @@ static void send_stats(port_t *p) {
                      "pids %lld\npids_max %s\noom_kills %lld\ncpu_usec %lld\n",
                      keyed("/proc/meminfo", "MemTotal"), keyed("/proc/meminfo", "MemAvailable"),
                      atoll(cur), atoll(pcur), strtok(pmax, "\n") ? pmax : "max",
-                     keyed(CG "/memory.events", "oom_kill"), usage);
+                     keyed(CG "/memory.events", "oom_kill") > 0 ? keyed(CG "/memory.events", "oom_kill") : 0,
+                     usage > 0 ? usage : 0);
     send_frame(p, 'S', text, (size_t)n);
 }
 
@@ -559,6 +591,8 @@ static void set_clock(port_t *p, rd_t *r) {
     struct timespec ts = {(time_t)sec, (long)nsec};
     if (!r->ok) {
         send_result(p, EINVAL, "malformed clock request");
+    } else if (host_root) {
+        send_result(p, 0, NULL); /* a host process keeps the host's clock and RNG */
     } else if (clock_settime(CLOCK_REALTIME, &ts)) {
         send_result(p, errno, strerror(errno));
     } else if (r->left && reseed(r->p, r->left)) {
@@ -649,6 +683,10 @@ static void port_down(port_t *p) {
     session_abort(&p->s);
     buf_free(&p->in);
     buf_free(&p->out);
+    if (p->conn) { /* a connection is not reused: its slot is free again */
+        close_fd(&p->fd);
+        p->conn = 0;
+    }
 }
 
 static void check_port(port_t *p) {
@@ -666,8 +704,8 @@ static void check_port(port_t *p) {
 
 static char cmdline[4096];
 
-static void load_modules(void) {
-    FILE *f = fopen("/modules.order", "re");
+static void load_modules(const char *order) {
+    FILE *f = fopen(order, "re");
     if (!f) return;
     char line[256];
     while (fgets(line, sizeof line, f)) {
@@ -815,13 +853,65 @@ static void open_ports(void) {
     }
 }
 
+/* corral.vsock=PORT: listen on AF_VSOCK, or (host mode) on SOCKDIR/vsock-PORT.sock. */
+static int listen_vsock(const char *sockdir) {
+    long long port = param("corral.vsock", 0);
+    if (port <= 0 || port > 0xffffffffLL) return 0;
+    for (int i = 0; i < MAX_PORTS; i++) {
+        session_init(&ports[i].s);
+        ports[i].fd = -1;
+    }
+    int fd = -1;
+    if (sockdir) {
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        snprintf(sa.sun_path, sizeof sa.sun_path, "%s/vsock-%lld.sock", sockdir, port);
+        unlink(sa.sun_path);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) || listen(fd, 64)) die(sa.sun_path);
+    } else {
+        struct sockaddr_vm sa = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY,
+                                 .svm_port = (unsigned)port};
+        for (int attempt = 0; attempt < 500 && fd < 0; attempt++) { /* the device probes late */
+            fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+            if (fd >= 0 && (bind(fd, (struct sockaddr *)&sa, sizeof sa) || listen(fd, 64))) {
+                close(fd);
+                fd = -1;
+            }
+            if (fd < 0) usleep(10000);
+        }
+        if (fd < 0) die("vsock listener");
+    }
+    listener = fd;
+    return 1;
+}
+
+/* Every connection the host makes is a port of its own, greeted by HELLO like one. */
+static void accept_conns(void) {
+    for (;;) {
+        int fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) return;
+        int slot = -1;
+        for (int i = 0; i < MAX_PORTS && slot < 0; i++) if (ports[i].fd < 0) slot = i;
+        if (slot < 0) { close(fd); continue; } /* all busy: the host tries again */
+        port_t *p = &ports[slot];
+        session_init(&p->s);
+        snprintf(p->name, sizeof p->name, "conn.%d", slot);
+        p->fd = fd;
+        p->conn = 1;
+        p->up = 1;
+        p->resync = 1;
+        if (slot + 1 > nports) nports = slot + 1;
+    }
+}
+
 static void boot(void) {
     mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, NULL);
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     read_file("/proc/cmdline", cmdline + 1, sizeof cmdline - 1);
     cmdline[0] = ' ';
-    load_modules();
+    load_modules("/modules.order");
+    if (param("corral.vsock", 0) > 0) load_modules("/vsock-modules.order");
     mount_disks();
     if (mount("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL)) die("proc");
     if (mount("sysfs", "/newroot/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL)) die("sys");
@@ -838,8 +928,8 @@ static void boot(void) {
     loopback_up();
     sethostname("corral", 6);
     write_file("/proc/self/oom_score_adj", "-1000");
-    open_ports();
-    logmsg("ready (%d ports)", nports);
+    if (listen_vsock(NULL)) logmsg("ready (vsock port %lld)", param("corral.vsock", 0));
+    else { open_ports(); logmsg("ready (%d ports)", nports); }
 }
 
 /* -- main loop ------------------------------------------------------------- */
@@ -865,12 +955,22 @@ static void drain_pipe(port_t *p, int *fd, char type) {
     else if (n == 0 || (errno != EAGAIN && errno != EINTR)) close_fd(fd);
 }
 
-int main(void) {
-    if (getpid() != 1) {
+int main(int argc, char **argv) {
+    if (argc == 5 && strcmp(argv[1], "--host") == 0) { /* the simulated guest of the tests */
+        host_root = argv[2];
+        snprintf(cmdline, sizeof cmdline, " %s ", argv[4]);
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* the guest ends with its (stand-in) VMM */
+        if (!listen_vsock(argv[3])) {
+            fprintf(stderr, "corral-agent --host: no corral.vsock=PORT in the command line\n");
+            return 2;
+        }
+        logmsg("ready (host mode, vsock port %lld)", param("corral.vsock", 0));
+    } else if (getpid() != 1) {
         fprintf(stderr, "corral-agent runs as PID 1 of a Corral microVM\n");
         return 2;
+    } else {
+        boot();
     }
-    boot();
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
@@ -880,11 +980,15 @@ int main(void) {
     signal(SIGPIPE, SIG_IGN);
     double next_check = 0;
     for (;;) {
-        struct pollfd pfds[1 + MAX_PORTS * 6];
-        struct { port_t *p; int *fd; char what; } refs[1 + MAX_PORTS * 6];
+        struct pollfd pfds[2 + MAX_PORTS * 6];
+        struct { port_t *p; int *fd; char what; } refs[2 + MAX_PORTS * 6];
         int n = 0;
         pfds[n] = (struct pollfd){sfd, POLLIN, 0};
         refs[n++] = (typeof(refs[0])){NULL, NULL, 's'};
+        if (listener >= 0) {
+            pfds[n] = (struct pollfd){listener, POLLIN, 0};
+            refs[n++] = (typeof(refs[0])){NULL, NULL, 'l'};
+        }
         double now = now_mono(), wait = 0.2;
         int any_down = 0;
         for (int i = 0; i < nports; i++) {
@@ -938,6 +1042,10 @@ int main(void) {
                 if (io) for (int i = 0; i < nports; i++) if (ports[i].fd >= 0) check_port(&ports[i]);
                 continue;
             }
+            if (refs[k].what == 'l') {
+                accept_conns();
+                continue;
+            }
             if (!p->up) continue;
             session_t *s = &p->s;
             switch (refs[k].what) {
@@ -947,6 +1055,10 @@ int main(void) {
                     char chunk[CHUNK];
                     ssize_t got = read(p->fd, chunk, sizeof chunk);
                     if (got > 0) { buf_add(&p->in, chunk, (size_t)got); parse_input(p); }
+                    else if (p->conn && (got == 0 || (errno != EAGAIN && errno != EINTR))) {
+                        port_down(p); /* the host closed the connection */
+                        break;
+                    }
                 }
                 if (p->up && (pfds[k].revents & POLLOUT) && p->out.len) {
                     ssize_t put = write(p->fd, p->out.data, p->out.len);
