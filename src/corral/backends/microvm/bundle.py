@@ -90,6 +90,7 @@ class BundleStore:
         inputs = {
             "format": _FORMAT,
             "kernel": kernel.digest,
+            "modules": [m.name for m in (*kernel.modules, *kernel.vmm_modules)],
             "agent": agent.name,
             "image": image.digest,
         }
@@ -157,7 +158,9 @@ class BundleStore:
         stage = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
             _link_or_copy(kernel.vmlinux, stage / "vmlinux")
-            initramfs.write_initramfs(stage / "initramfs.cpio", agent, kernel.modules)
+            initramfs.write_initramfs(
+                stage / "initramfs.cpio", agent, kernel.modules, kernel.vmm_modules
+            )
             _mkfs_erofs(image.rootfs, stage / "rootfs.erofs")
             (stage / "bundle.json").write_text(json.dumps(inputs, indent=2, sort_keys=True))
             if directory.exists():

@@ -46,18 +46,22 @@ def build_agent(target: Path) -> None:
     temp.rename(target)
 
 
-def write_initramfs(target: Path, agent: Path, modules: Sequence[Path]) -> None:
-    """An initramfs with /init (the agent), /lib/modules/*.ko and /modules.order."""
+def write_initramfs(
+    target: Path, agent: Path, modules: Sequence[Path], vmm_modules: Sequence[Path] = ()
+) -> None:
+    """An initramfs with /init (the agent), /lib/modules/*.ko, /modules.order (loaded at
+    every boot) and /vmm-modules.order (loaded under Firecracker / Cloud Hypervisor)."""
     archive = _Cpio()
     for directory in ("dev", "proc", "sys", "newroot", "lib", "lib/modules"):
         archive.add(directory, stat.S_IFDIR | 0o755)
     archive.add("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
     archive.add("init", stat.S_IFREG | 0o755, agent.read_bytes())
-    order = []
-    for module in modules:
-        archive.add(f"lib/modules/{module.name}", stat.S_IFREG | 0o644, module.read_bytes())
-        order.append(f"/lib/modules/{module.name}\n")
-    archive.add("modules.order", stat.S_IFREG | 0o644, "".join(order).encode())
+    for listing, group in (("modules.order", modules), ("vmm-modules.order", vmm_modules)):
+        order = []
+        for module in group:
+            archive.add(f"lib/modules/{module.name}", stat.S_IFREG | 0o644, module.read_bytes())
+            order.append(f"/lib/modules/{module.name}\n")
+        archive.add(listing, stat.S_IFREG | 0o644, "".join(order).encode())
     temp = target.with_name(f".{target.name}.{os.getpid()}")
     temp.write_bytes(archive.finish())
     temp.rename(target)

@@ -23,13 +23,17 @@ from pathlib import Path
 
 from corral.errors import ImageBuildError
 
-__all__ = ["GUEST_MODULES", "GuestKernel", "ensure_kernel", "module_order"]
+__all__ = ["GUEST_MODULES", "VMM_MODULES", "GuestKernel", "ensure_kernel", "module_order"]
 
 KERNEL_PACKAGE = "linux-image-amd64"
 # What a Corral guest needs: virtio-mmio transport, disks, the agent's serial
 # ports, ext4 (scratch) and erofs (read-only bases). crc32c_generic is asked for
 # through the crypto API (no symbol dependency), so it is named explicitly.
 GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "crc32c_generic", "ext4", "erofs")
+# What a Firecracker or Cloud Hypervisor guest loads on top (the agent does when
+# the cmdline has corral.vsock=): virtio-vsock for the agent, and virtio-pci,
+# Cloud Hypervisor's transport for every device.
+VMM_MODULES = ("virtio_pci", "vmw_vsock_virtio_transport")
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
@@ -41,6 +45,7 @@ class GuestKernel:
     digest: str  # sha256 of the .deb it came from
     vmlinux: Path
     modules: tuple[Path, ...]
+    vmm_modules: tuple[Path, ...] = ()  # loaded after `modules` under Firecracker / CH
 
 
 def ensure_kernel(
@@ -62,12 +67,19 @@ def ensure_kernel(
             if not (target / "digest").is_file():
                 _unpack(name, version, target)
             pin.write_text(target.name + "\n")
-    modules = tuple(target / "modules" / line for line in _read_lines(target / "modules.order"))
+        if not (target / "vmm-modules.order").is_file():  # unpacked before VMM_MODULES existed
+            name, _, version = target.name.partition("_")
+            _unpack(name, version, target)
+
+    def listed(order: str) -> tuple[Path, ...]:
+        return tuple(target / "modules" / line for line in _read_lines(target / order))
+
     return GuestKernel(
         version=target.name.replace("_", " "),
         digest=(target / "digest").read_text().strip(),
         vmlinux=target / "vmlinux",
-        modules=modules,
+        modules=listed("modules.order"),
+        vmm_modules=listed("vmm-modules.order"),
     )
 
 
@@ -108,9 +120,11 @@ def _unpack(name: str, version: str, target: Path) -> None:
             for path in (work / "root").glob("lib/modules/*/kernel/**/*.ko")
         }
         order = module_order(GUEST_MODULES, available)
-        for module in order:
+        vmm_order = [m for m in module_order(VMM_MODULES, available) if m not in order]
+        for module in (*order, *vmm_order):
             shutil.copyfile(available[module], stage / "modules" / f"{module}.ko")
         (stage / "modules.order").write_text("".join(f"{m}.ko\n" for m in order))
+        (stage / "vmm-modules.order").write_text("".join(f"{m}.ko\n" for m in vmm_order))
         (stage / "digest").write_text(f"sha256:{digest}\n")
         if target.exists():
             shutil.rmtree(target)

@@ -911,7 +911,7 @@ static void boot(void) {
     read_file("/proc/cmdline", cmdline + 1, sizeof cmdline - 1);
     cmdline[0] = ' ';
     load_modules("/modules.order");
-    if (param("corral.vsock", 0) > 0) load_modules("/vsock-modules.order");
+    if (param("corral.vsock", 0) > 0) load_modules("/vmm-modules.order");
     mount_disks();
     if (mount("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL)) die("proc");
     if (mount("sysfs", "/newroot/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL)) die("sys");
