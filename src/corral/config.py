@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from corral.backends.microvm.settings import MicrovmSettings
 from corral.errors import UserError
 
 DEFAULT_CONFIG_FILE = Path("/etc/corral/config.toml")
@@ -60,6 +61,7 @@ class Settings(BaseModel):
     database_url: str | None = None
     oci: OciSettings = OciSettings()
     podman: PodmanSettings = PodmanSettings()
+    microvm: MicrovmSettings = MicrovmSettings()
     server: ServerSettings = ServerSettings()
 
     @classmethod
@@ -80,13 +82,20 @@ class Settings(BaseModel):
             if env.get(key):
                 data[field] = env[key]
         runtime = env.get("CORRAL_RUNTIME") or None
+        vmm = env.get("CORRAL_VMM") or None
         for key, value in overrides.items():
             if value is None:
                 continue
             if key == "runtime":
                 runtime = value
+            elif key == "vmm":
+                vmm = value
             else:
                 data[key] = value
+        if vmm:
+            microvm = data.setdefault("microvm", {})
+            if isinstance(microvm, dict):
+                microvm["vmm"] = vmm
         if runtime:
             # The runtime belongs to the section of the backend in use (oci by default).
             section = "podman" if data.get("backend") == "podman" else "oci"

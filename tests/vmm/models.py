@@ -40,12 +40,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from tests.vmm.guest import SimulatedGuest
 from tests.vmm.openapi import Match
+
+GuestFactory = Callable[[socket.socket], SimulatedGuest]
 
 NOT_AFTER_BOOT = "The requested operation is not supported after starting the microVM."
 NOT_BEFORE_BOOT = "The requested operation is not supported before starting the microVM."
@@ -103,6 +107,8 @@ class FirecrackerModel:
     paused: bool = False
     config: dict[str, Any] = field(default_factory=dict)  # GET /vm/config's shape
     sockets: list[socket.socket] = field(default_factory=list)
+    guest_factory: GuestFactory | None = None  # a simulated guest at boot (tests/vmm/guest.py)
+    guest: SimulatedGuest | None = None
 
     @property
     def state(self) -> str:
@@ -121,6 +127,8 @@ class FirecrackerModel:
             if not self.started:
                 return fault(NOT_BEFORE_BOOT)
             self.paused = body["state"] == "Paused"
+            if self.guest is not None:
+                self.guest.pause() if self.paused else self.guest.resume()
             return Reply(204)
         if route == "PUT /snapshot/create":
             return self._snapshot_create(body)
@@ -214,7 +222,12 @@ class FirecrackerModel:
             if "boot-source" not in self.config:
                 return fault("Cannot start microvm without kernel configuration.")
             self.started = True
-            self._bind_vsock()
+            listener = self._bind_vsock()
+            if listener is not None and self.guest_factory is not None:
+                source = self.config["boot-source"]
+                initrd = self.files.resolve(source.get("initrd_path", ""))
+                self.guest = self.guest_factory(listener)
+                self.guest.boot(initrd, source.get("boot_args", ""))
             return Reply(204)
         if not self.started:
             return fault(NOT_BEFORE_BOOT)
@@ -223,10 +236,12 @@ class FirecrackerModel:
             return Reply(204, exit_after=not self.paused)
         return Reply(204)  # FlushMetrics
 
-    def _bind_vsock(self) -> None:
+    def _bind_vsock(self) -> socket.socket | None:
         vsock = self.config.get("vsock")
-        if vsock is not None:
-            self.sockets.append(self.files.bind(vsock["uds_path"]))
+        if vsock is None:
+            return None
+        self.sockets.append(self.files.bind(vsock["uds_path"]))
+        return self.sockets[-1]
 
     def _snapshot_create(self, body: Any) -> Reply:
         if not self.started:
@@ -237,7 +252,10 @@ class FirecrackerModel:
         memory = self.files.resolve(body["mem_file_path"])
         try:
             state.write_text(json.dumps({"stand_in": "firecracker", "config": self.config}))
-            memory.write_bytes(b"\0" * 4096)
+            if self.guest is not None:
+                self.guest.save(memory)
+            else:
+                memory.write_bytes(b"\0" * 4096)
         except OSError as exc:
             return fault(f"Cannot create snapshot: {exc}")
         return Reply(204)
@@ -280,7 +298,11 @@ class FirecrackerModel:
         self.config = config
         self.started = True
         self.paused = not body.get("resume_vm", False)
-        self._bind_vsock()
+        listener = self._bind_vsock()
+        if listener is not None and self.guest_factory is not None:
+            self.guest = self.guest_factory(listener)
+            self.guest.paused = self.paused
+            self.guest.load(self.files.resolve(memory))
         return Reply(204)
 
 
@@ -293,6 +315,8 @@ class CloudHypervisorModel:
     config: dict[str, Any] = field(default_factory=dict)
     sockets: list[socket.socket] = field(default_factory=list)
     next_device: int = 4
+    guest_factory: GuestFactory | None = None  # a simulated guest at boot (tests/vmm/guest.py)
+    guest: SimulatedGuest | None = None
 
     def handle(self, match: Match, body: Any) -> Reply:
         action = match.operation.template.lstrip("/")
@@ -348,7 +372,12 @@ class CloudHypervisorModel:
             if not self.files.resolve(disk["path"]).exists():
                 return self._error(f"The VM could not boot: cannot open disk {disk['path']}")
         self.vm_state = "Running"
-        self._bind_vsock()
+        listener = self._bind_vsock()
+        if listener is not None and self.guest_factory is not None:
+            self.guest = self.guest_factory(listener)
+            self.guest.boot(
+                self.files.resolve(payload.get("initramfs", "")), payload.get("cmdline", "")
+            )
         return Reply(204)
 
     def _vm_pause(self, _: Any) -> Reply:
@@ -361,6 +390,8 @@ class CloudHypervisorModel:
                 )
             return self._error("The VM could not be paused: VM is not booted", 405)
         self.vm_state = "Paused"
+        if self.guest is not None:
+            self.guest.pause()
         return Reply(204)
 
     def _vm_resume(self, _: Any) -> Reply:
@@ -369,6 +400,8 @@ class CloudHypervisorModel:
         if self.vm_state != "Paused":
             return self._error("The VM could not be resumed: VM is not paused", 405)
         self.vm_state = "Running"
+        if self.guest is not None:
+            self.guest.resume()
         return Reply(204)
 
     def _vm_shutdown(self, _: Any) -> Reply:
@@ -394,7 +427,10 @@ class CloudHypervisorModel:
         try:
             (target / "config.json").write_text(json.dumps(self.config))
             (target / "state.json").write_text(json.dumps({"stand_in": "cloud-hypervisor"}))
-            (target / "memory-ranges").write_bytes(b"\0" * 4096)
+            if self.guest is not None:
+                self.guest.save(target / "memory-ranges")
+            else:
+                (target / "memory-ranges").write_bytes(b"\0" * 4096)
         except OSError as exc:
             return self._error(f"The VM could not be snapshotted: {exc}")
         return Reply(204)
@@ -415,7 +451,11 @@ class CloudHypervisorModel:
                 )
         self.config = config
         self.vm_state = "Running" if body.get("resume") else "Paused"
-        self._bind_vsock()
+        listener = self._bind_vsock()
+        if listener is not None and self.guest_factory is not None:
+            self.guest = self.guest_factory(listener)
+            self.guest.paused = self.vm_state == "Paused"
+            self.guest.load(source / "memory-ranges")
         return Reply(204)
 
     def _vm_resize(self, body: Any) -> Reply:
@@ -454,13 +494,18 @@ class CloudHypervisorModel:
         self.next_device += 1
         return Reply(200, {"id": disk_id, "bdf": f"0000:00:{self.next_device:02x}.0"})
 
-    def _bind_vsock(self) -> None:
+    def _bind_vsock(self) -> socket.socket | None:
         vsock = self.config.get("vsock")
-        if vsock is not None:
-            self.sockets.append(self.files.bind(vsock["socket"]))
+        if vsock is None:
+            return None
+        self.sockets.append(self.files.bind(vsock["socket"]))
+        return self.sockets[-1]
 
     def _close_sockets(self) -> None:
         # The socket file stays behind, as a VMM's does: its owner removes it.
+        if self.guest is not None:  # the VM is off: so is its guest
+            self.guest.stop()
+            self.guest = None
         for sock in self.sockets:
             sock.close()
         self.sockets.clear()

@@ -26,6 +26,7 @@ from typing import Any
 
 import uvicorn
 
+from tests.vmm.guest import SimulatedGuest
 from tests.vmm.models import CloudHypervisorModel, FirecrackerModel, Reply, _Files, fault
 from tests.vmm.openapi import (
     ApiSpec,
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-socket")  # cloud-hypervisor: path=PATH or PATH
     parser.add_argument("--record", type=Path)
     parser.add_argument("--fail-start", help="print this to stderr and exit 1 (a broken VMM)")
+    parser.add_argument(
+        "--guest", action="store_true", help="boot a simulated guest (tests/vmm/guest.py)"
+    )
     args = parser.parse_args(argv)
     if args.fail_start:
         print(args.fail_start, file=sys.stderr)
@@ -173,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     app.on_exit = stop
-    server.run()
+    if args.guest:
+        app.model.guest_factory = SimulatedGuest
+    try:
+        server.run()
+    finally:
+        if app.model.guest is not None:
+            app.model.guest.stop()
     return 0
 
 

@@ -37,7 +37,10 @@ def load_backend(settings: Settings, name: str | None = None) -> Backend:
                 backend=name,
                 hint="install its extra: pip install 'corral[microvm]' (qemu.qmp)",
             ) from exc
-        return MicrovmBackend(settings.state_dir)
+        micro = settings.microvm
+        return MicrovmBackend(
+            settings.state_dir, vmm=micro.vmm, cache_dir=micro.cache_dir, vmm_settings=micro
+        )
     if name == "fake":
         from corral.backends.fake import FakeBackend
 

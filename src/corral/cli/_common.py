@@ -29,10 +29,15 @@ class CliState:
     backend: str | None = None
     runtime: str | None = None
     context: str | None = None
+    vmm: str | None = None
 
     def settings(self, **overrides: Any) -> Settings:
         return Settings.load(
-            state_dir=self.state_dir, backend=self.backend, runtime=self.runtime, **overrides
+            state_dir=self.state_dir,
+            backend=self.backend,
+            runtime=self.runtime,
+            vmm=self.vmm,
+            **overrides,
         )
 
     def manager(self) -> SandboxManager:

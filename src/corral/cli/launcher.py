@@ -135,7 +135,7 @@ def start_server(state_dir: str) -> None:
 
 
 # Global options that take a value (to find the command name after them).
-_VALUE_OPTIONS = ("--state-dir", "--backend", "--runtime", "--context")
+_VALUE_OPTIONS = ("--state-dir", "--backend", "--runtime", "--context", "--vmm")
 # Long-running commands: never through (or starting) a command server.
 IN_PROCESS_COMMANDS = ("serve",)
 

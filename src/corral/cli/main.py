@@ -92,9 +92,16 @@ def _global(
         Optional[str],  # noqa: UP045
         typer.Option(envvar="CORRAL_CONTEXT", help="Context: a server, or 'local'."),
     ] = None,
+    vmm: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            envvar="CORRAL_VMM",
+            help="The microvm backend's VMM: qemu, firecracker or cloud-hypervisor.",
+        ),
+    ] = None,
 ) -> None:
     STATE.state_dir, STATE.backend, STATE.runtime = state_dir, backend, runtime
-    STATE.context = context
+    STATE.context, STATE.vmm = context, vmm
 
 
 async def _stream(events: AsyncIterator[ExecEvent]) -> int:

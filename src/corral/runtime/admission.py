@@ -33,7 +33,10 @@ def choose_runtime(
         raise UserError(
             f"backend '{backend.name}' has no runtime '{runtime}'",
             backend=backend.name,
-            hint=f"choose one of: {', '.join(known)}" if known else "leave the runtime out",
+            hint=f"choose one of: {', '.join(known)}"
+            if known
+            else "leave the runtime out"
+            + (" (pick the VMM with --vmm)" if backend.name == "microvm" else ""),
         )
     if backend.name == "microvm":
         require_level(backend, spec, Isolation.MICROVM)

@@ -4,7 +4,9 @@ Each sandbox is a directory under `<state>/sandboxes/<id>` holding `meta.json`,
 its qcow2 scratch overlay, the QEMU pid file, console log, QMP socket and the
 agent's port sockets. The QEMU process is daemonized into a host cgroup of its
 own; nothing lives in this Python process, so any process can drive a VM.
-Snapshots (`snapshot`, `restore`, `fork`) live in snapshots.py.
+Snapshots (`snapshot`, `restore`, `fork`) live in snapshots.py. With
+`vmm="firecracker"` or `"cloud-hypervisor"` the backend is a `VmmBackend`
+(vmm_backend.py): the same bundle and agent, driven through those VMMs' APIs.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from corral.backends.microvm.qemu import (
     qmp_call,
     tsc_khz,
 )
+from corral.backends.microvm.settings import VMMS, VmmSettings
 from corral.backends.sandbox_dir import (
     claim_dir,
     read_meta,
@@ -65,7 +68,7 @@ from corral.errors import (
     InvalidStateError,
     NotFoundError,
     SandboxStartError,
-    UnsupportedError,
+    UserError,
 )
 
 __all__ = ["MicrovmBackend"]
@@ -103,10 +106,18 @@ class VmMeta:
 
 
 class MicrovmBackend(Backend):
-    """Sandboxes as QEMU microVMs (`vmm="qemu"`); see the module docstring."""
+    """Sandboxes as microVMs: QEMU here (`vmm="qemu"`), Firecracker or Cloud Hypervisor
+    in the `VmmBackend` subclass, which `MicrovmBackend(..., vmm=...)` gives for them."""
 
     name: ClassVar[str] = "microvm"
     capabilities = frozenset({Capability.PAUSE, Capability.SNAPSHOT})
+
+    def __new__(cls, *args: Any, vmm: str = "qemu", **kwargs: Any) -> MicrovmBackend:
+        if cls is MicrovmBackend and vmm != "qemu":
+            from corral.backends.microvm.vmm_backend import VmmBackend
+
+            return super().__new__(VmmBackend)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -117,6 +128,7 @@ class MicrovmBackend(Backend):
         runtime: str | None = None,
         environ: Mapping[str, str] | None = None,
         warm_start: bool = False,
+        vmm_settings: VmmSettings | None = None,
     ) -> None:
         """`cache_dir` (default /var/cache/corral/microvm, or $CORRAL_MICROVM_CACHE) holds
         kernels and bundles shared by every state dir. `runtime`, the container
@@ -125,15 +137,20 @@ class MicrovmBackend(Backend):
         With `warm_start`, the first sandbox of each kind (bundle, limits, user)
         is booted cold and snapshotted right after boot, under
         `<state>/warm/<key>`; later ones of that kind are restored from it
-        (~7x faster), their environment their own, their RNG reseeded."""
-        if vmm != "qemu":
-            raise UnsupportedError(
-                f"the microvm backend's VMM '{vmm}' is not driven by this class",
+        (~7x faster), their environment their own, their RNG reseeded.
+        `vmm_settings` configures Firecracker / Cloud Hypervisor (see settings.py)."""
+        if vmm not in VMMS:
+            raise UserError(
+                f"the microvm backend has no VMM '{vmm}'",
                 backend=self.name,
-                hint="use vmm='qemu' here; Firecracker and Cloud Hypervisor have their own drivers",
+                hint="choose one of: "
+                + ", ".join(VMMS)
+                + " (--vmm, or [microvm] vmm in the config)",
             )
         del runtime
         env = os.environ if environ is None else environ
+        self.environ = env
+        self.vmm_settings = vmm_settings or VmmSettings()
         self.state_dir = Path(state_dir)
         self.vmm = vmm
         self.sandboxes_dir = self.state_dir / "sandboxes"
@@ -366,12 +383,20 @@ class MicrovmBackend(Backend):
 
     # -- agent plumbing --------------------------------------------------------
 
+    def _vm_pid(self, sandbox_id: str) -> int | None:
+        """The VMM process of a live VM (QEMU here; the subclass asks its VMM)."""
+        return self._qemu_pid(sandbox_id)
+
+    async def _dial(self, sandbox_dir: Path, deadline: float) -> AgentConnection:
+        """A greeted connection to the guest agent (virtio-serial ports here)."""
+        return await connect(sandbox_dir, AGENT_PORTS, deadline=deadline)
+
     @contextlib.asynccontextmanager
     async def _agent(
         self, sandbox_id: str, deadline: float = 30.0
     ) -> AsyncIterator[AgentConnection]:
         sandbox_dir = self._dir(sandbox_id)
-        if self._qemu_pid(sandbox_id) is None:
+        if self._vm_pid(sandbox_id) is None:
             self._meta(sandbox_id)  # NotFoundError first
             raise ExecError(
                 "the sandbox's VM is not running",
@@ -388,7 +413,7 @@ class MicrovmBackend(Backend):
                 hint="resume it first",
             )
         try:
-            conn = await connect(sandbox_dir, AGENT_PORTS, deadline=deadline)
+            conn = await self._dial(sandbox_dir, deadline)
         except ExecError as exc:
             exc.sandbox_id = sandbox_id
             raise

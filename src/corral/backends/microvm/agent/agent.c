@@ -740,7 +740,7 @@ static int disk_by_serial(const char *serial, char *dev, size_t size) {
     return -1;
 }
 
-/* corral.mount=SERIAL:FSTYPE:TARGET:ro|rw and corral.bind=SOURCE:TARGET, in order. */
+/* corral.mount=SERIAL|/dev/PATH:FSTYPE:TARGET:ro|rw and corral.bind=SOURCE:TARGET, in order. */
 static void mount_disks(void) {
     char copy[4096];
     snprintf(copy, sizeof copy, "%s", cmdline);
@@ -758,7 +758,13 @@ static void mount_disks(void) {
             if (!mode) continue;
             *mode++ = 0;
             snprintf(target, sizeof target, "/newroot%s", strcmp(where, "/") ? where : "");
-            if (disk_by_serial(serial, dev, sizeof dev)) die(serial);
+            if (serial[0] == '/') { /* a device path (Firecracker's disks have no serial) */
+                struct stat st;
+                for (int attempt = 0; attempt < 1000 && stat(serial, &st); attempt++) usleep(10000);
+                snprintf(dev, sizeof dev, "%s", serial);
+            } else if (disk_by_serial(serial, dev, sizeof dev)) {
+                die(serial);
+            }
             unsigned long flags = strcmp(mode, "ro") == 0 ? MS_RDONLY : 0;
             flags |= MS_NODEV | MS_NOSUID;
             if (mount(dev, target, fstype, flags, NULL)) die(target);

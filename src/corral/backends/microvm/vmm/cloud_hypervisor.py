@@ -63,6 +63,7 @@ class CloudHypervisorDriver(SupervisedDriver):
         environ: Mapping[str, str] | None = None,
         api_timeout: float = 30.0,
         start_timeout: float = 10.0,
+        detached: bool = False,
     ) -> None:
         super().__init__(
             run_dir,
@@ -70,6 +71,7 @@ class CloudHypervisorDriver(SupervisedDriver):
             sandbox_id=sandbox_id,
             api_timeout=api_timeout,
             start_timeout=start_timeout,
+            detached=detached,
         )
         self.max_vcpus = max_vcpus
         self.hotplug_memory_mib = hotplug_memory_mib

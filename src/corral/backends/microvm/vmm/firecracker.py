@@ -71,6 +71,7 @@ class FirecrackerDriver(SupervisedDriver):
         environ: Mapping[str, str] | None = None,
         api_timeout: float = 30.0,
         start_timeout: float = 10.0,
+        detached: bool = False,
     ) -> None:
         super().__init__(
             run_dir,
@@ -78,6 +79,7 @@ class FirecrackerDriver(SupervisedDriver):
             sandbox_id=sandbox_id,
             api_timeout=api_timeout,
             start_timeout=start_timeout,
+            detached=detached,
         )
         self.jailer = jailer
         self.jail_id = sandbox_id or run_dir.name

@@ -1,27 +1,24 @@
-"""Typed settings for the VMM drivers and the one place that turns them into a driver.
+"""Turn the microvm settings (corral.backends.microvm.settings) into a VMM driver.
 
-Meant to sit in the microvm section of Corral's config, e.g.
-
-    [microvm.firecracker]
-    binary = "/usr/local/bin/firecracker"
-    jailer = { uid = 900, gid = 900, chroot_base = "/srv/jailer" }
-
-    [microvm.cloud-hypervisor]
-    max_vcpus = 8
-    hotplug_memory_mib = 4096
+The settings models live beside the backend, free of driver code, so the config
+module can import them cheaply; they are re-exported here for the drivers' users.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from corral.backends.microvm.vmm.base import VmmDriver
+from corral.backends.microvm.settings import (
+    CloudHypervisorSettings,
+    FirecrackerSettings,
+    JailerSettings,
+    VmmName,
+    VmmSettings,
+)
 from corral.backends.microvm.vmm.cloud_hypervisor import CloudHypervisorDriver
 from corral.backends.microvm.vmm.firecracker import FirecrackerDriver, JailerConfig
+from corral.backends.microvm.vmm.supervised import SupervisedDriver
 
 __all__ = [
     "CloudHypervisorSettings",
@@ -32,43 +29,6 @@ __all__ = [
     "make_driver",
 ]
 
-VmmName = Literal["firecracker", "cloud-hypervisor"]
-
-
-class JailerSettings(BaseModel):
-    """Run Firecracker under its jailer as `uid`:`gid`, chrooted under `chroot_base`."""
-
-    model_config = ConfigDict(extra="forbid")
-    uid: int = Field(ge=0)
-    gid: int = Field(ge=0)
-    chroot_base: Path = Path("/srv/jailer")
-    binary: str | None = None  # default: `jailer` on PATH
-    netns: Path | None = None
-    cgroup_version: Literal[1, 2] = 1
-
-
-class FirecrackerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    binary: str | None = None  # default: `firecracker` on PATH
-    jailer: JailerSettings | None = None
-
-
-class CloudHypervisorSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    binary: str | None = None  # default: `cloud-hypervisor` on PATH
-    max_vcpus: int | None = Field(default=None, ge=1)  # vCPU hotplug ceiling; None: no hotplug
-    hotplug_memory_mib: int = Field(default=0, ge=0)  # memory hotplug room above the boot size
-
-
-class VmmSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    firecracker: FirecrackerSettings = FirecrackerSettings()
-    cloud_hypervisor: CloudHypervisorSettings = Field(
-        default=CloudHypervisorSettings(), alias="cloud-hypervisor"
-    )
-    start_timeout: float = Field(default=10.0, gt=0)  # seconds for the API socket to answer
-    api_timeout: float = Field(default=30.0, gt=0)  # seconds for one API call (snapshots)
-
 
 def make_driver(
     vmm: VmmName,
@@ -77,8 +37,12 @@ def make_driver(
     sandbox_id: str,
     settings: VmmSettings | None = None,
     environ: Mapping[str, str] | None = None,
-) -> VmmDriver:
-    """A driver for one sandbox's VMM; raises BackendUnavailableError if a binary is missing."""
+    detached: bool = False,
+) -> SupervisedDriver:
+    """A driver for one sandbox's VMM; raises BackendUnavailableError if a binary is missing.
+
+    `detached`: the VMM outlives the driver (see SupervisedDriver), as the backend wants.
+    """
     settings = settings or VmmSettings()
     timeouts = {"start_timeout": settings.start_timeout, "api_timeout": settings.api_timeout}
     if vmm == "firecracker":
@@ -100,6 +64,7 @@ def make_driver(
             jailer=jailer,
             sandbox_id=sandbox_id,
             environ=environ,
+            detached=detached,
             **timeouts,
         )
     ch = settings.cloud_hypervisor
@@ -110,5 +75,6 @@ def make_driver(
         max_vcpus=ch.max_vcpus,
         hotplug_memory_mib=ch.hotplug_memory_mib,
         environ=environ,
+        detached=detached,
         **timeouts,
     )

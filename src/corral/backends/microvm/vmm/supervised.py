@@ -4,6 +4,10 @@ A subclass says how to start its VMM (`_argv`), how to tell that the API is up
 (`_probe`), how to read the VMM's error body (`_fault_text`) and which faults
 are the caller's (`_classify`: a state conflict, a clash); this class turns every failed call
 into Corral's errors and keeps the release-on-failure contract of `VmmDriver`.
+
+With `detached=True` the VMM outlives the driver and this Python process (the
+microVM backend keeps no process of its own per sandbox): `record()` says how to
+find it again, and `attach(record)` gives a fresh driver the running VMM.
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ from typing import Any, NoReturn
 import httpx
 
 from corral.backends.microvm.vmm.base import VmmDriver, VmmState
-from corral.backends.microvm.vmm.process import MAX_SOCKET_PATH, VmmProcess, unix_client
+from corral.backends.microvm.vmm.process import (
+    MAX_SOCKET_PATH,
+    DetachedVmmProcess,
+    ProcessRecord,
+    VmmProcess,
+    unix_client,
+)
 from corral.errors import InfrastructureError, InvalidStateError, SandboxStartError, UserError
 
 __all__ = ["SupervisedDriver"]
@@ -33,8 +43,10 @@ class SupervisedDriver(VmmDriver):
         sandbox_id: str | None = None,
         api_timeout: float = 30.0,
         start_timeout: float = 10.0,
+        detached: bool = False,
     ) -> None:
         super().__init__()
+        self.detached = detached
         self.run_dir = run_dir
         self.binary = binary
         self.sandbox_id = sandbox_id
@@ -88,9 +100,8 @@ class SupervisedDriver(VmmDriver):
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         socket.unlink(missing_ok=True)  # a stale socket would make the VMM refuse to bind
-        self._process = VmmProcess(
-            self._argv(), log_path=self.log_path, name=self.name, cwd=self._cwd()
-        )
+        kind = DetachedVmmProcess if self.detached else VmmProcess
+        self._process = kind(self._argv(), log_path=self.log_path, name=self.name, cwd=self._cwd())
         try:
             await self._process.spawn()
             self._client = unix_client(socket, timeout=self.api_timeout)
@@ -109,6 +120,40 @@ class SupervisedDriver(VmmDriver):
 
     async def kill(self) -> None:
         await self._release(grace=0)
+
+    def record(self) -> ProcessRecord:
+        """How another driver (in any process) finds this detached VMM: see `attach`."""
+        if not isinstance(self._process, DetachedVmmProcess):
+            raise InvalidStateError(
+                f"only a detached {self.name} can be recorded", backend="microvm"
+            )
+        return self._process.record()
+
+    async def close(self) -> None:
+        """Let go of the VMM without stopping it (a detached VMM runs on); idempotent."""
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def attach(self, record: ProcessRecord, *, ask: bool = True) -> None:
+        """Take over the detached VMM that `record()` described. NEW -> its state.
+
+        With `ask`, the VMM is asked its state (InfrastructureError if it does not
+        answer); without, the driver can only `kill()` or `shutdown()` it. A VMM
+        that is gone leaves the driver STOPPED.
+        """
+        self._require("attach", VmmState.NEW)
+        self._process = DetachedVmmProcess.adopt(record, log_path=self.log_path, name=self.name)
+        self.detached = True
+        if self._process.pid is None:
+            await self._release(grace=0)
+            return
+        self._client = unix_client(self.api_socket, timeout=self.api_timeout)
+        self._state = VmmState.STARTED  # what the VMM's own answer refines
+        if ask:
+            info = await self.info()
+            self._state = info.state
 
     async def _call(
         self, method: str, path: str, body: Any = None, *, verb: str, starting: bool = False
@@ -167,7 +212,7 @@ class SupervisedDriver(VmmDriver):
         exited = process is not None and await process.wait_exit(0.2)
         tail = process.log_tail() if process is not None else ""
         if exited and process is not None:
-            what = f"{self.name} exited with status {process.returncode} during {verb}"
+            what = f"{self.name} {process.exit_text()} during {verb}"
         else:
             what = f"{self.name} API did not answer during {verb}: {exc!r}"
         if starting or exited:
