@@ -2,11 +2,13 @@
 
 When a stand-in boots a VM (Firecracker InstanceStart, Cloud Hypervisor
 vm.boot) it takes /init out of the initramfs the VM was given - the guest agent
-of the bundle, a static x86-64 binary - and runs it in a throwaway directory as
-an ordinary process (`corral-agent --host ROOT SOCKDIR CMDLINE`, unprivileged
-when the stand-in runs as root). ROOT stands for the guest's filesystem (the
-agent resolves absolute file paths and exec's cwd under it); the agent serves
-the vsock port named on the kernel command line as a unix socket in SOCKDIR.
+of the bundle, a static x86-64 binary - and runs it in a throwaway directory
+beside the VM's vsock socket (so it goes with the sandbox's directory even when
+the stand-in is killed) as an ordinary process, unprivileged when the stand-in
+runs as root: `corral-agent --host ROOT SOCKDIR CMDLINE`. ROOT stands for the
+guest's filesystem (the agent resolves absolute file paths and exec's cwd under
+it); the agent serves the vsock port named on the kernel command line as a unix
+socket in SOCKDIR.
 
 The stand-in serves the VM's vsock device socket the way Firecracker's hybrid
 vsock does (docs/vsock.md upstream, which Cloud Hypervisor follows): the host
@@ -32,6 +34,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -83,7 +86,8 @@ class SimulatedGuest:
 
     def __init__(self, listener: socket.socket) -> None:
         self.listener = listener
-        self.directory = Path(tempfile.mkdtemp(prefix="corral-simguest-"))
+        beside = Path(listener.getsockname()).parent
+        self.directory = Path(tempfile.mkdtemp(prefix="simguest-", dir=beside))
         self.directory.chmod(0o755)
         self.process: asyncio.subprocess.Process | None = None
         self.server: asyncio.AbstractServer | None = None
@@ -104,6 +108,7 @@ class SimulatedGuest:
         """Unpack the agent from `initrd` and start it with `cmdline` (a cold boot)."""
         agent = self.directory / _AGENT
         agent.write_bytes(init_from_cpio(initrd.read_bytes()))
+        agent.chmod(0o755)
         (self.directory / _CMDLINE).write_text(cmdline)
         self.root.mkdir()
         # What the agent's binds would make: the sandbox's writable places.
@@ -146,12 +151,16 @@ class SimulatedGuest:
         ids: dict[str, object] = (
             {"user": GUEST_UID, "group": GUEST_UID, "extra_groups": []} if as_root else {}
         )
-        self.process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            cwd=self.root,
-            **ids,  # type: ignore[arg-type]
-        )
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                cwd=self.root,
+                **ids,  # type: ignore[arg-type]
+            )
+        except OSError as exc:  # into the VMM's log, which the backend's errors quote
+            print(f"simulated guest: cannot start the agent: {exc}", file=sys.stderr, flush=True)
+            raise
         if self.paused:  # restored without resume: the guest starts stopped
             self.pause()
         self.server = await asyncio.start_unix_server(self._serve, sock=self.listener)
