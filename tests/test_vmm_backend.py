@@ -47,7 +47,9 @@ from corral.errors import (
     NotFoundError,
     UserError,
 )
+from corral.host.doctor import run_checks
 from tests.conftest import TEST_LABEL, require_root
+from tests.test_host import FakeHost
 from tests.vmm.guest import GUEST_UID
 from tests.vmm.harness import assert_all_valid, read_record, standin_pids, standin_vmm
 
@@ -314,3 +316,42 @@ def _meta() -> dict[str, Any]:
         "pids_limit": 1,
         "vcpus": 1.0,
     }
+
+
+def test_doctor_says_which_vmms_are_usable_and_why_not(tmp_path: Path) -> None:
+    tools = {
+        "qemu-system-x86_64": "QEMU emulator version 7.2.0",
+        "firecracker": "Firecracker v1.7.0",
+    }
+    pvm = FakeHost(tmp_path / "pvm", kvm=True, pvm_module=True, tools=tools).build()
+    checks = pvm.checks()
+    assert checks["vmm-qemu"].status == "ok"
+    assert "tcg" in checks["vmm-qemu"].detail
+    firecracker = checks["vmm-firecracker"]
+    assert firecracker.status == "warn"
+    assert "hardware KVM" in firecracker.detail
+    assert "PVM" in firecracker.detail
+    assert "not on PATH" not in firecracker.detail  # the binary is there; KVM is what fails
+    assert "cloud-hypervisor is not on PATH" in checks["vmm-cloud-hypervisor"].detail
+    assert "--vmm qemu here" in (firecracker.fix or "")
+
+    kvm = FakeHost(tmp_path / "kvm", kvm=True, tools=tools).build()
+    (kvm.root / "sys" / "module" / "kvm_intel").mkdir()
+    found = kvm.checks()
+    assert found["vmm-firecracker"].status == "ok", found["vmm-firecracker"]
+    assert found["vmm-cloud-hypervisor"].status == "warn"
+    jailed = MicrovmSettings.model_validate(
+        {"vmm": "firecracker", "firecracker": {"jailer": {"uid": 900, "gid": 900}}}
+    )
+    with_jailer = run_checks(
+        environ=kvm.environ,
+        proc_root=kvm.root / "proc",
+        cgroup_root=kvm.cgroup_root,
+        sys_root=kvm.root / "sys",
+        dev_root=kvm.root / "dev",
+        microvm=jailed,
+    )
+    check = next(c for c in with_jailer if c.name == "vmm-firecracker")
+    assert check.status == "warn"
+    assert "(the configured --vmm)" in check.detail
+    assert "jailer is not on PATH" in check.detail

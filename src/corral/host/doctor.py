@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from corral._sys import cgroups
-from corral.backends.microvm.host import accelerator
+from corral.backends.microvm.host import Accelerator, accelerator
+from corral.backends.microvm.settings import MicrovmSettings
 from corral.backends.oci.backend import CGROUP_PARENT
 from corral.backends.oci.runtimes import RUNTIMES
 from corral.backends.podman.engine import Podman
@@ -438,9 +439,15 @@ def run_checks(
     sys_root: Path = Path("/sys"),
     dev_root: Path = Path("/dev"),
     state_dir: Path | None = None,
+    microvm: MicrovmSettings | None = None,
 ) -> list[Check]:
-    """Probe the host; one Check per tool and per kernel feature Corral relies on."""
+    """Probe the host; one Check per tool and per kernel feature Corral relies on.
+
+    `microvm` (default: the config file's [microvm] section) names the VMM
+    binaries to look for."""
     env = os.environ if environ is None else environ
+    if microvm is None:
+        microvm = _microvm_settings(env)
     checks: list[Check] = []
     versions: dict[str, str | None] = {}
     for tool in TOOLS:
@@ -448,9 +455,10 @@ def run_checks(
         checks.append(check)
     checks += [_check_cgroups(cgroup_root), *_check_rlimits(proc_root), _check_userns(proc_root)]
     checks.append(_check_kvm(proc_root, sys_root, dev_root))
+    accel = accelerator(dev_root / "kvm", sys_root / "module")
     if versions.get("qemu-system-x86_64"):
-        accel = accelerator(dev_root / "kvm", sys_root / "module")
         checks.append(Check("microvm-accel", "ok", f"--vmm qemu uses {accel.name}: {accel.reason}"))
+    checks += _check_vmms(env, accel, bool(versions.get("qemu-system-x86_64")), microvm)
     if runsc_version := versions.get("runsc"):
         checks.append(_check_runsc_network(runsc_version, proc_root))
     state = state_dir or Path(env.get("CORRAL_STATE_DIR", STATE_DIR))
@@ -459,6 +467,61 @@ def run_checks(
     if podman_path and versions.get("podman"):
         runtimes = [name for name in RUNTIMES if versions.get(name)]
         checks += _check_podman(Path(podman_path), state, env, runtimes)
+    return checks
+
+
+def _microvm_settings(environ: Mapping[str, str]) -> MicrovmSettings:
+    from corral.config import Settings
+    from corral.errors import UserError
+
+    try:
+        return Settings.load(environ=environ).microvm
+    except UserError:  # a broken config file: the defaults still say what the host can do
+        return MicrovmSettings()
+
+
+def _check_vmms(
+    environ: Mapping[str, str], accel: Accelerator, has_qemu: bool, microvm: MicrovmSettings
+) -> list[Check]:
+    """One check per VMM the microvm backend can drive: usable here, or why not."""
+    path = environ.get("PATH", os.defpath)
+    selected: dict[str, str] = {microvm.vmm: " (the configured --vmm)"}
+    checks = []
+    if has_qemu:
+        detail = f"usable{selected.get('qemu', '')}: {accel.name} ({accel.reason})"
+        checks.append(Check("vmm-qemu", "ok", detail))
+    else:
+        detail = f"not usable{selected.get('qemu', '')}: qemu-system-x86_64 is not installed"
+        checks.append(Check("vmm-qemu", "warn", detail, "apt-get install qemu-system-x86"))
+    wanted = {
+        "firecracker": [microvm.firecracker.binary or "firecracker"],
+        "cloud-hypervisor": [microvm.cloud_hypervisor.binary or "cloud-hypervisor"],
+    }
+    if microvm.firecracker.jailer is not None:
+        wanted["firecracker"].append(microvm.firecracker.jailer.binary or "jailer")
+    for name, binaries in wanted.items():
+        found, why_not = [], []
+        for binary in binaries:
+            located = shutil.which(binary, path=path)
+            if located is None:
+                where = "is not executable" if os.sep in binary else "is not on PATH"
+                why_not.append(f"{binary} {where}")
+            else:
+                found.append(located)
+        if accel.name != "kvm":  # neither VMM has an emulator to fall back to
+            why_not.append(
+                f"it needs hardware KVM, and {accel.reason.removesuffix(': TCG emulation')}"
+            )
+        if why_not:
+            detail = f"not usable{selected.get(name, '')}: " + "; ".join(why_not)
+            fix = (
+                f"install {name} (a static release binary) on PATH or set [microvm.{name}] binary,"
+                " on a host with VT-x/AMD-V KVM; use --vmm qemu here"
+            )
+            checks.append(Check(f"vmm-{name}", "warn", detail, fix))
+        else:
+            detail = f"usable{selected.get(name, '')}: {', '.join(found)} with {accel.reason}"
+            checks.append(Check(f"vmm-{name}", "ok", detail))
     return checks
 
 
