@@ -2,9 +2,14 @@
 
 Deselected by default (`-m "not kvm"`): our CI machines have no hardware
 virtualization (/dev/kvm there is PVM), so these never ran here. On a host
-with KVM, the VMM binaries on PATH and a microVM bundle directory in
-$CORRAL_KVM_BUNDLE (vmlinux, initramfs.cpio and a rootfs image, as
-corral.backends.microvm.bundle writes them), run `pytest -m kvm tests/vmm`.
+with KVM and the VMM binaries on PATH, run `pytest -m kvm tests/vmm` as root:
+
+- the driver tests boot a bundle directory named by $CORRAL_KVM_BUNDLE
+  (vmlinux, initramfs.cpio and a rootfs image, as
+  corral.backends.microvm.bundle writes them) and watch the serial console;
+- the backend tests run `MicrovmBackend(vmm=...)` end to end with a real guest:
+  the bundle built from the default template, the agent over real vsock.
+
 A missing prerequisite fails the test rather than skipping it.
 """
 
@@ -18,9 +23,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from corral.backends.base import BackendStatus, ExecRequest, SandboxConfig, SandboxLimits
+from corral.backends.microvm import MicrovmBackend
 from corral.backends.microvm.vmm import (
     BootSpec,
     CloudHypervisorDriver,
@@ -30,6 +38,7 @@ from corral.backends.microvm.vmm import (
     VmmDriver,
     VmmState,
 )
+from tests.conftest import TEST_LABEL, require_root
 from tests.vmm.harness import assert_released
 
 pytestmark = pytest.mark.kvm
@@ -123,3 +132,41 @@ async def test_firecracker_boots_snapshots_and_restores(work: Path) -> None:
 async def test_cloud_hypervisor_boots_snapshots_and_restores(work: Path) -> None:
     _require_kvm("cloud-hypervisor")
     await _boot_snapshot_restore(CloudHypervisorDriver, "serial.log", work)
+
+
+@pytest.mark.parametrize("vmm", ["firecracker", "cloud-hypervisor"])
+async def test_backend_runs_a_real_guest(vmm: str, state_root: Path, default_image: Any) -> None:
+    """The backend's whole path with a real guest: what tests/test_vmm_backend.py simulates."""
+    require_root()
+    _require_kvm(vmm)
+    backend = MicrovmBackend(state_root, vmm=vmm)
+    config = SandboxConfig(
+        sandbox_id=f"kvm-{os.urandom(4).hex()}",
+        image=default_image.to_ref(),
+        limits=SandboxLimits(memory=256 << 20, pids=128, disk=64 << 20),
+        mounts=list(default_image.host_mounts),
+        labels=TEST_LABEL,
+    )
+    restored = f"kvm-{os.urandom(4).hex()}"
+    try:
+        await backend.create(config)
+        sid = config.sandbox_id
+        hello = await backend.exec(sid, ExecRequest(["/bin/sh", "-c", "echo hi; id -u"]))
+        assert hello.stdout == f"hi\n{default_image.to_ref().uid}\n".encode(), hello
+        await backend.put_file(sid, "/work/kept", b"kept\n")
+        await backend.pause(sid)
+        assert await backend.status(sid) == BackendStatus.PAUSED
+        await backend.resume(sid)
+        counter = "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done' &"
+        await backend.exec(sid, ExecRequest(["/bin/sh", "-c", counter + " sleep 0.5"]))
+        snap = state_root / "snapshots" / sid
+        await backend.snapshot(sid, snap, keep_running=True)
+        await backend.restore(restored, snap)
+        assert await backend.get_file(restored, "/work/kept", 100) == b"kept\n"
+        first = int((await backend.exec(restored, ExecRequest(["cat", "/tmp/n"]))).stdout)
+        await asyncio.sleep(1)
+        later = int((await backend.exec(restored, ExecRequest(["cat", "/tmp/n"]))).stdout)
+        assert later > first, "the process started before the snapshot stopped counting"
+    finally:
+        for sandbox_id in (config.sandbox_id, restored):
+            await backend.destroy(sandbox_id)
