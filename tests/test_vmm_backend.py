@@ -51,7 +51,13 @@ from corral.host.doctor import run_checks
 from tests.conftest import TEST_LABEL, require_root
 from tests.test_host import FakeHost
 from tests.vmm.guest import GUEST_UID
-from tests.vmm.harness import assert_all_valid, read_record, standin_pids, standin_vmm
+from tests.vmm.harness import (
+    assert_all_valid,
+    read_record,
+    standin_jailer,
+    standin_pids,
+    standin_vmm,
+)
 
 pytestmark = pytest.mark.runtime
 
@@ -355,3 +361,53 @@ def test_doctor_says_which_vmms_are_usable_and_why_not(tmp_path: Path) -> None:
     assert check.status == "warn"
     assert "(the configured --vmm)" in check.detail
     assert "jailer is not on PATH" in check.detail
+
+
+async def test_a_jailed_firecracker_sandbox_runs_and_leaves_no_jail(
+    state_root: Path, default_image: Any
+) -> None:
+    """Firecracker under (a stand-in for) its jailer: files hard-linked into the chroot,
+    the vsock socket reached through a link into it, the jail removed on destroy."""
+    require_root()
+    bin_dir = state_root / "bin"
+    record = state_root / "jailed-requests.jsonl"
+    firecracker = standin_vmm(bin_dir, "firecracker", record, "--guest")
+    jailer = standin_jailer(bin_dir, state_root / "jailer.json")
+    chroot_base = state_root / "jail"
+    settings = MicrovmSettings.model_validate(
+        {
+            "firecracker": {
+                "binary": str(firecracker),
+                "jailer": {
+                    "uid": GUEST_UID,
+                    "gid": GUEST_UID,
+                    "chroot_base": str(chroot_base),
+                    "binary": str(jailer),
+                },
+            }
+        }
+    )
+    backend = MicrovmBackend(state_root, vmm="firecracker", vmm_settings=settings)
+    image = dataclasses.replace(default_image.to_ref(), uid=GUEST_UID, gid=GUEST_UID)
+    sid = f"vb-{os.urandom(4).hex()}"
+    config = SandboxConfig(
+        sandbox_id=sid,
+        image=image,
+        limits=SandboxLimits(memory=256 << 20, pids=128, disk=64 << 20),
+        mounts=list(default_image.host_mounts),
+        labels=TEST_LABEL,
+    )
+    try:
+        await backend.create(config)
+        jail = chroot_base / firecracker.name / sid / "root"
+        assert (jail / "api.socket").exists()
+        assert (backend._dir(sid) / "vsock.sock").is_symlink()
+        assert (await backend.exec(sid, sh("echo jailed"))).stdout == b"jailed\n"
+        await backend.pause(sid)
+        await backend.resume(sid)
+        assert await backend.status(sid) == BackendStatus.RUNNING
+    finally:
+        await backend.destroy(sid)
+    assert not (chroot_base / firecracker.name / sid).exists(), "the jail was left"
+    assert not standin_pids()
+    assert_all_valid(read_record(record))
