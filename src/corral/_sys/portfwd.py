@@ -6,7 +6,8 @@ fails the call, nothing half-done), forks, prints `{"pid": N, "ports": [...]}`
 with the ports as bound (HOST 0 becomes the port the kernel picked) and exits.
 The forked process then joins the network namespace of PID (the sandbox's main
 process), drops root for nobody, and for each accepted connection connects to
-127.0.0.1:CONTAINER (or [::1]) *inside* the sandbox and copies bytes both ways.
+127.0.0.1:CONTAINER (or [::1]) *inside* the sandbox and splices bytes both ways
+(a thread per direction; splice(2) keeps the copying in the kernel).
 Listening sockets stay in the namespace they were made in, which is the whole
 trick: the sandbox needs no network of its own beyond loopback.
 
@@ -16,14 +17,16 @@ imports are what the process needs, as it starts once per sandbox with ports.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import json
 import os
+import select
 import signal
 import socket
+import struct
 import sys
+import threading
 
 CLONE_NEWNET = 0x40000000
 NOBODY = 65534
@@ -51,53 +54,78 @@ def _listen(host_ip: str, host_port: int) -> socket.socket:
     return socket.create_server((host_ip, host_port), family=family, backlog=128)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def _pump(source: socket.socket, dest: socket.socket) -> None:
+    """Move bytes from `source` to `dest` through a pipe with splice(2): the kernel
+    copies, this thread only waits. At EOF, half-close `dest` (it can still answer)."""
+    read_end, write_end = os.pipe()
     try:
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()  # half-close: the other side sees EOF, can still answer
+        while moved := os.splice(source.fileno(), write_end, CHUNK):
+            while moved:
+                moved -= os.splice(read_end, dest.fileno(), moved)
+        dest.shutdown(socket.SHUT_WR)
     except OSError:
-        writer.transport.abort()
-
-
-async def _connect_inside(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    try:
-        return await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return await asyncio.open_connection("::1", port)
-
-
-def _handler(port: int):  # type: ignore[no-untyped-def]
-    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            inner_reader, inner_writer = await _connect_inside(port)
-        except OSError:
-            writer.transport.abort()  # nothing listens inside: the client sees a reset
-            return
-        try:
-            await asyncio.gather(_pump(reader, inner_writer), _pump(inner_reader, writer))
-        finally:
-            for w in (writer, inner_writer):
-                w.close()
-                with contextlib.suppress(OSError):
-                    await w.wait_closed()
-
-    return forward
-
-
-async def _serve(listeners: list[tuple[socket.socket, int]], pidfd: int) -> None:
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    loop.add_reader(pidfd, lambda: _settle(stop))
-    loop.add_signal_handler(signal.SIGTERM, lambda: _settle(stop))
-    servers = [await asyncio.start_server(_handler(port), sock=sock) for sock, port in listeners]
-    try:
-        await stop
+        _reset(source)
+        _reset(dest)
     finally:
-        for server in servers:
-            server.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _reset(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _connect_inside(port: int) -> socket.socket:
+    """A connection to the port on the sandbox's loopback (IPv4, else IPv6). Numeric
+    addresses only: no getaddrinfo, whose codecs would be imported lazily, after
+    root (which can read the Python installation) is gone."""
+    error: OSError | None = None
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.connect((address, port))
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    assert error is not None
+    raise error
+
+
+def _forward(client: socket.socket, port: int) -> None:
+    with client:
+        try:
+            inner = _connect_inside(port)
+        except OSError:
+            _reset(client)  # nothing listens inside: the client sees a reset
+            return
+        with inner:
+            back = threading.Thread(target=_pump, args=(inner, client), daemon=True)
+            back.start()
+            _pump(client, inner)
+            back.join()
+
+
+def _accept(listener: socket.socket, port: int) -> None:
+    while True:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            continue  # e.g. the client gave up before the accept
+        threading.Thread(target=_forward, args=(client, port), daemon=True).start()
+
+
+def _serve(listeners: list[tuple[socket.socket, int]], pidfd: int) -> None:
+    """Forward until the sandbox's main process exits or SIGTERM comes."""
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGTERM, lambda *_: None)  # the wakeup fd is what stops us
+    for sock, port in listeners:
+        threading.Thread(target=_accept, args=(sock, port), daemon=True).start()
+    select.select([pidfd, wake_read], [], [])
 
 
 def main(argv: list[str]) -> int:
@@ -140,14 +168,9 @@ def main(argv: list[str]) -> int:
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
-    asyncio.run(_serve(listeners, pidfd))
-    return 0
+    _serve(listeners, pidfd)
+    os._exit(0)  # the forwarding threads end with the process
 
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
