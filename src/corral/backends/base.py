@@ -43,6 +43,9 @@ class Capability(StrEnum):
     CPUSET = "cpuset"  # limits.cpuset is enforced
     USER_NAMESPACE = "user-namespace"  # sandbox root is not host root
     PUBLISH_PORTS = "publish-ports"  # config.ports are published on the host
+    # A pet's volume is handed over as its disk image (a writable HostMount whose
+    # source is the image file) and attached as a block device: the host mounts nothing.
+    VOLUME_DISK = "volume-disk"
 
 
 class BackendStatus(StrEnum):
@@ -84,7 +87,9 @@ class ImageRef:
 class HostMount:
     """A host path bound at `target` inside the sandbox: read-only, unless `writable`
     (a pet's volume), when the backend also hands the directory's root to the
-    sandbox user (as the host sees that user)."""
+    sandbox user (as the host sees that user). On a backend with
+    Capability.VOLUME_DISK a writable mount's `source` is the volume's ext4 image
+    file, attached as a disk and mounted by the guest."""
 
     source: Path
     target: str

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from corral.backends.base import (
     Capability,
-    HostMount,
     PortMapping,
     SandboxConfig,
     SandboxLimits,
@@ -38,7 +37,7 @@ from corral.errors import (
 )
 from corral.runtime.cpus import PetCapacity, format_cpus, parse_cpus
 from corral.runtime.state import SandboxState
-from corral.runtime.volumes import VolumeStore
+from corral.runtime.volumes import VolumeMode, VolumeStore
 from corral.spec.template import Template, Volume, load_template, parse_template
 from corral.spec.units import parse_size
 from corral.store import SandboxRecord
@@ -62,7 +61,15 @@ class PetManager:
         self, manager: SandboxManager, state_dir: Path, capacity: PetCapacity | None = None
     ) -> None:
         self.manager = manager
-        self.volumes = VolumeStore(state_dir / "volumes", loop=manager.backend.name != "fake")
+        backend = manager.backend
+        mode: VolumeMode = (
+            "dir"
+            if backend.name == "fake"
+            else "disk"
+            if Capability.VOLUME_DISK in backend.capabilities
+            else "mount"
+        )
+        self.volumes = VolumeStore(state_dir / "volumes", mode=mode)
         self.logs_dir = state_dir / "logs"
         self.capacity = capacity or PetCapacity.of_host()
         # One allocation at a time on this host: CPUs and memory are picked from the
@@ -107,7 +114,7 @@ class PetManager:
             pinned = self._allocate(limits)
             mounted = await self.volumes.ensure(tenant, name, size)
             pet = _pet_facts(spec, restart, {"size": size, "path": volume_spec.path})
-            mount = HostMount(mounted.mountpoint, volume_spec.path, writable=True)
+            mount = self.volumes.host_mount(mounted, volume_spec.path)
             try:
                 record = await self.manager.create(
                     spec,
@@ -321,7 +328,7 @@ class PetManager:
             mounted = await self.volumes.ensure(
                 record.tenant, record.name or record.id, int(volume["size"])
             )
-            mounts.append(HostMount(mounted.mountpoint, str(volume["path"]), writable=True))
+            mounts.append(self.volumes.host_mount(mounted, str(volume["path"])))
         return SandboxConfig(
             sandbox_id=record.id,
             image=image.to_ref(),

@@ -1,10 +1,12 @@
 """Pets' persistent volumes: a sparse ext4 image per (tenant, name) under the state
-dir, loop-mounted on the host and bound read-write into the sandbox.
+dir, loop-mounted on the host and bound read-write into the sandbox, or (mode
+"disk", for microVMs) handed to the backend as the image itself, which the guest
+mounts.
 
 The file system's size is the limit (a write past it fails with ENOSPC inside the
 sandbox); the image outlives the sandbox, so a pet re-created under the same name
-finds its data again. Only `remove` deletes it. With `loop=False` (the fake backend, which mounts
-nothing) a volume is a plain directory with no limit.
+finds its data again. Only `remove` deletes it. In mode "dir" (the fake backend,
+which mounts nothing) a volume is a plain directory with no limit.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import asyncio
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from corral._sys import mounts
+from corral.backends.base import HostMount
 from corral.errors import BackendUnavailableError, InfrastructureError, UserError
 
 __all__ = ["Volume", "VolumeStore"]
@@ -34,12 +38,20 @@ class Volume:
         return self.image.stat().st_size if self.image.exists() else 0
 
 
-class VolumeStore:
-    """Create, mount, unmount and remove volumes under `root` (`<state>/volumes`)."""
+VolumeMode = Literal["mount", "disk", "dir"]
 
-    def __init__(self, root: Path, *, loop: bool = True) -> None:
+
+class VolumeStore:
+    """Create, mount, unmount and remove volumes under `root` (`<state>/volumes`).
+
+    `mode`: "mount" loop-mounts the image on the host (container backends bind the
+    mount point); "disk" leaves the image unmounted for a backend that attaches it
+    as a disk (Capability.VOLUME_DISK: one writer at a time, so never both);
+    "dir" is a plain directory (the fake backend)."""
+
+    def __init__(self, root: Path, *, mode: VolumeMode = "mount") -> None:
         self.root = root
-        self.loop = loop
+        self.mode = mode
 
     def volume(self, tenant: str, name: str) -> Volume:
         base = self.root / tenant / name
@@ -49,10 +61,11 @@ class VolumeStore:
         """The volume, made (`size` bytes, sparse) if missing, grown if `size` is larger,
         and mounted. A volume is never shrunk: its data may not fit."""
         volume = self.volume(tenant, name)
-        volume.mountpoint.mkdir(parents=True, exist_ok=True)
-        if not self.loop:
+        if self.mode == "dir":
+            volume.mountpoint.mkdir(parents=True, exist_ok=True)
             volume.image.touch()
             return volume
+        volume.image.parent.mkdir(parents=True, exist_ok=True)
         _check_room(self.root, size - volume.size)
         if not volume.image.exists():
             partial = volume.image.with_suffix(".partial")
@@ -68,12 +81,22 @@ class VolumeStore:
                 image.truncate(size)
             await _run("e2fsck", "-f", "-p", str(volume.image), ok=(0, 1))
             await _run("resize2fs", "-f", str(volume.image))
+        if self.mode == "disk":
+            self.unmount(volume)  # e.g. left mounted by a container pet of that name
+            return volume
+        volume.mountpoint.mkdir(parents=True, exist_ok=True)
         if not self.is_mounted(volume):
             await _run(
                 "mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(volume.image),
                 str(volume.mountpoint),
             )  # fmt: skip
         return volume
+
+    def host_mount(self, volume: Volume, target: str) -> HostMount:
+        """How the backend gets `volume` at `target`: the mount point, or in mode
+        "disk" the image itself."""
+        source = volume.image if self.mode == "disk" else volume.mountpoint
+        return HostMount(source, target, writable=True)
 
     def is_mounted(self, volume: Volume) -> bool:
         return volume.mountpoint in mounts.mounts_under(volume.mountpoint)

@@ -189,6 +189,12 @@ class AgentConnection:
         await self.send(b"T", clock + secrets.token_bytes(32))
         await self.expect_result()
 
+    async def flush(self) -> None:
+        """Have the guest write its dirty pages out (`sync`): a pet's volume keeps
+        what was written before its VM is killed."""
+        await self.send(b"F")
+        await self.expect_result()
+
     async def close(self) -> None:
         self.writer.close()
         with contextlib.suppress(OSError, ConnectionError):

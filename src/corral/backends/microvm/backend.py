@@ -36,7 +36,7 @@ from corral.backends.base import (
     SandboxConfig,
     SandboxStats,
 )
-from corral.backends.microvm import hostcg, snapshots, vm
+from corral.backends.microvm import hostcg, snapshots, vm, volumes
 from corral.backends.microvm.agent_client import (
     AgentConnection,
     AgentError,
@@ -99,6 +99,7 @@ class VmMeta:
     pids_limit: int
     vcpus: float  # the host CPU quota, in CPUs (the VM has ceil(vcpus) vCPUs)
     restored_from: str | None = None
+    cpuset: str | None = None  # host CPUs QEMU may run on (a pet's pinned CPUs)
 
     @property
     def vm(self) -> VmSpec:
@@ -110,7 +111,9 @@ class MicrovmBackend(Backend):
     in the `VmmBackend` subclass, which `MicrovmBackend(..., vmm=...)` gives for them."""
 
     name: ClassVar[str] = "microvm"
-    capabilities = frozenset({Capability.PAUSE, Capability.SNAPSHOT})
+    capabilities = frozenset(
+        {Capability.PAUSE, Capability.SNAPSHOT, Capability.CPUSET, Capability.VOLUME_DISK}
+    )
 
     def __new__(cls, *args: Any, vmm: str = "qemu", **kwargs: Any) -> MicrovmBackend:
         if cls is MicrovmBackend and vmm != "qemu":
@@ -193,8 +196,12 @@ class MicrovmBackend(Backend):
     async def _create(self, config: SandboxConfig, sandbox_dir: Path) -> None:
         vm.check_socket_room(sandbox_dir, config.sandbox_id, AGENT_PORTS)
         image, limits = config.image, config.limits
+        host_mounts, volume_mounts = volumes.split_mounts(config.mounts)
+        volume_drives, volume_tokens = await volumes.volume_disks(
+            config.sandbox_id, volume_mounts, image.uid, image.gid
+        )
         try:
-            bundle = await asyncio.to_thread(self.bundles.bundle, image, config.mounts)
+            bundle = await asyncio.to_thread(self.bundles.bundle, image, host_mounts)
             scratch = await asyncio.to_thread(
                 self.bundles.scratch_base, limits.disk, image.uid, image.gid
             )
@@ -223,11 +230,13 @@ class MicrovmBackend(Backend):
                 *mounts,
                 "corral.mount=scratch:ext4:/.corral:rw",
                 *binds,
+                *volume_tokens,  # after the binds: a volume may sit under the workdir
                 f"corral.pids={limits.pids} corral.ports={AGENT_PORTS}",
             ]
         )
         drives = [DriveSpec(d.serial, str(d.path), "raw", True) for d in bundle.disks]
         drives.append(DriveSpec("scratch", str(overlay), "qcow2", False))
+        drives += volume_drives
         spec = VmSpec(
             kernel=str(bundle.kernel),
             initrd=str(bundle.initramfs),
@@ -248,9 +257,12 @@ class MicrovmBackend(Backend):
             memory_limit=limits.memory,
             pids_limit=limits.pids,
             vcpus=limits.vcpus,
+            cpuset=limits.cpuset,
         )
+        # A pet's volume changes under a snapshot: pets always boot cold.
+        warm_start = self.warm_start and not volume_drives
         warm = self.warm_dir / _warm_key(spec, meta, scratch)
-        if self.warm_start and await snapshots.warm_start(
+        if warm_start and await snapshots.warm_start(
             self, config.sandbox_id, sandbox_dir, warm, meta.env
         ):
             return
@@ -260,13 +272,13 @@ class MicrovmBackend(Backend):
         self._write_meta(sandbox_dir, meta)
         await self.start_vm(config.sandbox_id, meta)
         await self.wait_for_agent(config.sandbox_id, BOOT_DEADLINE)
-        if self.warm_start:
+        if warm_start:
             await snapshots.save_warm(self, config.sandbox_id, warm)
 
     async def start_vm(self, sandbox_id: str, meta: VmMeta, *, incoming: bool = False) -> None:
         """Start the sandbox's QEMU (daemonized, in its host cgroup)."""
         cgroup = hostcg.HostCgroup(meta.cgroup)
-        cgroup.create(vcpus=meta.vcpus, memory=meta.memory_limit)
+        cgroup.create(vcpus=meta.vcpus, memory=meta.memory_limit, cpuset=meta.cpuset)
         await vm.start_qemu(sandbox_id, self._dir(sandbox_id), meta.vm, cgroup, incoming=incoming)
 
     async def wait_for_agent(self, sandbox_id: str, deadline: float) -> None:
@@ -284,6 +296,10 @@ class MicrovmBackend(Backend):
     async def destroy(self, sandbox_id: str) -> None:
         sandbox_dir = self._dir(sandbox_id)
         pid = self._qemu_pid(sandbox_id)
+        if pid is not None and not (sandbox_dir / "paused").exists():
+            with contextlib.suppress(NotFoundError):
+                if volumes.has_volumes(self._meta(sandbox_id).vm):
+                    await volumes.flush(sandbox_dir, AGENT_PORTS)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -326,6 +342,21 @@ class MicrovmBackend(Backend):
             found.update(p.name for p in self.sandboxes_dir.iterdir() if p.is_dir())
         found.update(cgroups.children(self.cgroup_parent))
         return sorted(found)
+
+    async def set_cpuset(self, sandbox_id: str, cpuset: str) -> None:
+        """Pin the VM's QEMU (every vCPU and I/O thread) to host CPUs `cpuset`
+        through its host cgroup; the guest keeps running, its vCPU count unchanged."""
+        meta = self._meta(sandbox_id)
+        try:
+            hostcg.HostCgroup(meta.cgroup).set_cpuset(cpuset)
+        except OSError as exc:
+            raise UnsupportedError(
+                f"the VM could not be pinned to CPUs {cpuset}: {exc}",
+                sandbox_id=sandbox_id,
+                backend=self.name,
+                hint="this host's cgroups have no usable cpuset controller",
+            ) from exc
+        self._write_meta(self._dir(sandbox_id), dataclasses.replace(meta, cpuset=cpuset))
 
     async def pause(self, sandbox_id: str) -> None:
         self._meta(sandbox_id)

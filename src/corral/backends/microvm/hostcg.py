@@ -1,4 +1,5 @@
-"""The host cgroup around one VM's QEMU process: CPU quota, memory and thread caps.
+"""The host cgroup around one VM's QEMU process: CPU quota, memory and thread caps,
+and the host CPUs it may run on (a pet's pinned cpuset).
 
 Inside the guest the agent enforces the sandbox's pids and memory limits; out
 here the host holds QEMU itself, so a fractional `vcpus` becomes a CPU quota
@@ -34,10 +35,11 @@ class HostCgroup:
         rel = self.path.lstrip("/")
         if self.unified:
             return {"all": self.root / rel}
-        return {c: self.root / c / rel for c in ("cpu", "cpuacct", "memory", "pids")}
+        return {c: self.root / c / rel for c in ("cpu", "cpuacct", "cpuset", "memory", "pids")}
 
-    def create(self, *, vcpus: float, memory: int) -> None:
-        """Make the cgroup with a CPU quota of `vcpus` and room for `memory` of guest RAM."""
+    def create(self, *, vcpus: float, memory: int, cpuset: str | None = None) -> None:
+        """Make the cgroup with a CPU quota of `vcpus`, room for `memory` of guest RAM
+        and, with `cpuset`, only those host CPUs."""
         quota = max(1000, math.ceil(vcpus * _PERIOD_US))
         limit = memory + OVERHEAD_BYTES
         for name, directory in self._dirs().items():
@@ -46,6 +48,8 @@ class HostCgroup:
             directory.mkdir(parents=True, exist_ok=True)
             if self.unified:
                 _enable_controllers(directory)
+                if cpuset:
+                    _write(directory / "cpuset.cpus", cpuset)
                 _write(directory / "cpu.max", f"{quota} {_PERIOD_US}")
                 _write(directory / "memory.max", str(limit))
                 _write(directory / "pids.max", str(QEMU_THREADS))
@@ -58,6 +62,15 @@ class HostCgroup:
                     _write(directory / "memory.memsw.limit_in_bytes", str(limit))
             elif name == "pids":
                 _write(directory / "pids.max", str(QEMU_THREADS))
+            elif name == "cpuset":
+                _inherit_cpuset(self.root / "cpuset", directory)
+                if cpuset:
+                    _write(directory / "cpuset.cpus", cpuset)
+
+    def set_cpuset(self, cpuset: str) -> None:
+        """Move every QEMU thread onto host CPUs `cpuset` now (OSError if refused)."""
+        directory = self._dirs()["all" if self.unified else "cpuset"]
+        _write(directory / "cpuset.cpus", cpuset)
 
     def procs_files(self) -> list[str]:
         """The cgroup.procs files a process writes its pid to, to join (see `join`)."""
@@ -88,6 +101,18 @@ def _enable_controllers(directory: Path) -> None:
             continue
         with contextlib.suppress(OSError):
             _write(control, "+cpu +memory +pids")
+        with contextlib.suppress(OSError):
+            _write(control, "+cpuset")
+
+
+def _inherit_cpuset(top: Path, directory: Path) -> None:
+    """cgroup v1 makes a cpuset group with no CPUs and no memory nodes, and a
+    process cannot join it: give each level under `top` its parent's."""
+    levels = [directory, *directory.parents]
+    for level in reversed(levels[: levels.index(top)]):
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if not (level / name).read_text().strip():
+                _write(level / name, (level.parent / name).read_text().strip())
 
 
 def _write(path: Path, value: str) -> None:

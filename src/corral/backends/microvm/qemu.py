@@ -38,12 +38,15 @@ TB_SIZE_MIB = 64
 
 @dataclass(frozen=True, slots=True)
 class DriveSpec:
-    """One virtio-blk disk: `serial` is how the guest agent finds it."""
+    """One virtio-blk disk: `serial` is how the guest agent finds it. A writable
+    disk is `cache=unsafe` (scratch: flushes ignored, gone with the sandbox) unless
+    `durable` (a pet's volume: the guest's flushes reach the host's disk)."""
 
     serial: str
     path: str
     format: Literal["raw", "qcow2"]
     read_only: bool
+    durable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +98,11 @@ def command_line(spec: VmSpec, run_dir: Path, *, incoming: bool = False) -> list
         ]
     for drive in spec.drives:
         options = f"id={drive.serial},file={drive.path},format={drive.format},if=none"
-        options += ",readonly=on" if drive.read_only else ",cache=unsafe,discard=unmap"
+        if drive.read_only:
+            options += ",readonly=on"
+        else:
+            options += ",cache=writeback" if drive.durable else ",cache=unsafe"
+            options += ",discard=unmap"
         argv += [
             "-drive",
             options,

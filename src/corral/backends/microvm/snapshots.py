@@ -27,9 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral.backends.base import BackendStatus
+from corral.backends.microvm import volumes
 from corral.backends.microvm.qemu import DriveSpec, QmpSession
 from corral.backends.sandbox_dir import claim_dir, released_on_failure
-from corral.errors import ExecError, InvalidStateError, NotFoundError, SandboxStartError
+from corral.errors import (
+    ExecError,
+    InvalidStateError,
+    NotFoundError,
+    SandboxStartError,
+    UnsupportedError,
+)
 
 if TYPE_CHECKING:
     from corral.backends.microvm.backend import MicrovmBackend, VmMeta
@@ -45,6 +52,14 @@ async def snapshot(
     backend: MicrovmBackend, sandbox_id: str, dest: Path, *, keep_running: bool = False
 ) -> None:
     meta = backend._meta(sandbox_id)
+    if volumes.has_volumes(meta.vm):
+        raise UnsupportedError(
+            "a microVM with a pet's volume cannot be snapshotted: the volume lives on and"
+            " changes, so a restore would find it changed under the guest",
+            sandbox_id=sandbox_id,
+            backend=backend.name,
+            hint="keep the pet's state on its volume; it survives restarts and re-creation",
+        )
     if backend._qemu_pid(sandbox_id) is None:
         raise InvalidStateError(
             "only a running sandbox can be snapshotted",

@@ -643,6 +643,10 @@ static void handle_frame(port_t *p, char type, const unsigned char *data, size_t
     case 'Q': /* ping */
         send_frame(p, 'Q', NULL, 0);
         return;
+    case 'F': /* flush: write the guest's dirty pages out (a pet's volume, before a kill) */
+        sync();
+        send_result(p, 0, NULL);
+        return;
     default:
         p->resync = 1;
     }
@@ -767,6 +771,7 @@ static void mount_disks(void) {
             }
             unsigned long flags = strcmp(mode, "ro") == 0 ? MS_RDONLY : 0;
             flags |= MS_NODEV | MS_NOSUID;
+            if (!(flags & MS_RDONLY)) mkdir(target, 0755); /* a volume under a writable dir */
             if (mount(dev, target, fstype, flags, NULL)) die(target);
         } else if (strncmp(tok, "corral.bind=", 12) == 0) {
             char *source = tok + 12, *where = strchr(source, ':');
