@@ -1,14 +1,17 @@
 """Pets on the real microvm backend (QEMU, TCG here): the volume as a disk image the
 guest mounts (size limit, ownership, kept across destroy, re-creation and a dead
-VM), the supervisor restarting the service after a VM death and a server restart,
-and promotion (in place with pinned CPUs; with a volume, re-created with its files).
+VM), the supervisor restarting the service after a VM death and a server restart
+(in process, and a real `corral serve` killed with -9), and promotion (in place
+with pinned CPUs; with a volume, in place through snapshot and restore, or
+re-created with its files where the image has no mount point).
 
-Each boot costs ~4-8 s under TCG: the module boots five VMs."""
+Each boot costs ~4-8 s under TCG: the module boots nine VMs."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -16,18 +19,30 @@ from pathlib import Path
 
 import pytest
 
+from corral import Corral
 from corral.backends.microvm import MicrovmBackend
+from corral.client.sync import Sandbox
 from corral.errors import CorralError, UnsupportedError
 from corral.images import ImageStore
 from corral.runtime.cpus import parse_cpus
 from corral.runtime.manager import SandboxManager
 from corral.runtime.supervisor import PetSupervisor
+from corral.spec.template import parse_template
 from corral.store import SandboxRecord, Store
-from tests.conftest import require_binary, require_root
+from tests.conftest import (
+    _sandbox_inits,
+    assert_no_leaks,
+    require_binary,
+    require_root,
+    traversable_dir,
+)
+from tests.server_harness import ServerProcess
 from tests.test_pets import _log, pet_template, until
+from tests.test_pets_actor import _toml, wait_for
 
 pytestmark = pytest.mark.runtime
 
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
 SERVICE = ["/bin/sh", "-c", "echo started >> /data/starts; exec sleep 1000"]
 
 
@@ -146,6 +161,20 @@ async def test_the_volume_is_a_disk_with_a_real_limit_kept_across_vm_deaths_and_
     assert not volume.image.exists()
 
 
+async def test_a_volume_path_a_vm_cannot_mount_is_refused_and_leaves_nothing(
+    manager: SandboxManager, state_root: Path
+) -> None:
+    template = parse_template(
+        {"name": "spaced", "kind": "persistent", "volume": {"size": "8M", "path": "/my data"}},
+        source="<t>",
+    )
+    with pytest.raises(UnsupportedError, match="'/my data' cannot be mounted in a microVM"):
+        await manager.create(template, name="spaced", memory="256M")
+    assert manager.list() == []
+    assert not manager.pets.volumes.volume("local", "spaced").image.parent.exists()
+    assert not any((state_root / "sandboxes").iterdir())
+
+
 async def test_promotion_keeps_the_vm_running_pinned(manager: SandboxManager) -> None:
     cattle = await manager.create("default", memory="256M", timeout=600)
     pid = (await sh(manager, cattle, "sleep 1000 > /dev/null 2>&1 & echo $!")).strip()
@@ -165,13 +194,55 @@ async def test_promotion_keeps_the_vm_running_pinned(manager: SandboxManager) ->
     assert await manager.reap(now=time.time() + 10**6) == []
 
 
-async def test_promotion_with_a_volume_restarts_the_vm_with_its_files(
+async def test_promotion_with_a_volume_keeps_the_vm_its_disk_and_processes(
     manager: SandboxManager,
 ) -> None:
+    # A template with a [volume] has its mount point in the image, so the VM can
+    # take the volume in place: snapshot, restore with it in the empty disk slot.
+    template = parse_template({"name": "scratchpad", "volume": {"size": "8M"}}, source="<t>")
+    cattle = await manager.create(template, memory="256M")
+    await sh(
+        manager,
+        cattle,
+        f"echo code > /work/main.rs; echo tmp > /tmp/kept; nohup sh -c '{COUNTER}'"
+        " > /dev/null 2>&1 & while [ ! -s /tmp/count ]; do sleep 0.1; done",
+    )
+    qemu = _qemu_pid(manager, cattle)
+    pet = await manager.pets.promote(cattle.id, name="grown", volume="16M")
+    assert pet.spec["pet"]["volume"] == {"size": 16 << 20, "path": "/data"}
+    # A restored QEMU whose empty disk slot is now the volume's image.
+    image = manager.pets.volumes.volume("local", "grown").image
+    assert _qemu_pid(manager, pet) != qemu
+    assert str(image).encode() in Path(f"/proc/{_qemu_pid(manager, pet)}/cmdline").read_bytes()
+    assert f"promoted from {cattle.id} (in place" in _log(manager.pets, pet)
+    before = int(await sh(manager, pet, "cat /tmp/count"))
+    await asyncio.sleep(1.0)
+    out = await sh(
+        manager,
+        pet,
+        "cat /work/main.rs /tmp/kept /tmp/count; stat -c %u /data; echo x > /data/y && echo ok;"
+        " dd if=/dev/zero of=/data/fill bs=1M count=20 2>&1; echo dd=$?",
+    )
+    code, tmp, count, owner, ok, *_ = out.splitlines()
+    assert (code, tmp, owner, ok) == ("code", "tmp", "1000", "ok")
+    assert int(count) > before  # the counter started before promotion still counts
+    assert "No space left on device" in out
+    assert out.endswith("dd=1\n")
+    assert _affinity(_qemu_pid(manager, pet)) == parse_cpus(pet.limits["cpuset"])
+    # Destroyed (flushed), then re-created from its record: the volume's data is there.
+    await manager.destroy(pet.id)
+    again = await manager.pets.create(template, name="grown", memory="256M")
+    assert await sh(manager, again, "cat /data/y") == "x\n"
+
+
+async def test_promotion_with_a_volume_without_a_mount_point_restarts_the_vm(
+    manager: SandboxManager,
+) -> None:
+    # `default` has no /data, and a VM's image is read-only: re-created with it.
     cattle = await manager.create("default", memory="256M")
     await sh(manager, cattle, "mkdir -p /work/src && echo code > /work/src/main.rs")
-    pet = await manager.pets.promote(cattle.id, name="grown", volume="8M")
-    assert pet.spec["pet"]["volume"] == {"size": 8 << 20, "path": "/data"}
+    pet = await manager.pets.promote(cattle.id, name="moved", volume="8M")
+    assert "re-created, its workdir and home carried over" in _log(manager.pets, pet)
     out = await sh(manager, pet, "cat /work/src/main.rs; echo x > /data/y && echo ok")
     assert out == "code\nok\n"
     assert _affinity(_qemu_pid(manager, pet)) == parse_cpus(pet.limits["cpuset"])
@@ -194,3 +265,56 @@ async def _starts(manager: SandboxManager, pet: SandboxRecord, count: int) -> bo
         await asyncio.sleep(0.5)
         return False
     return result.stdout.decode().count("started") == count
+
+
+# -- a real server ------------------------------------------------------------------
+
+BOOTS = {
+    "name": "booter",
+    "kind": "persistent",
+    "volume": {"size": "16M"},
+    "service": {
+        "command": ["/bin/sh", "-c", "echo boot >> /data/boots; sync; exec sleep 100000"],
+        "backoff": 0.2,
+    },
+}
+
+
+def test_a_microvm_pet_comes_back_after_the_server_is_killed() -> None:
+    require_root()
+    require_binary("qemu-system-x86_64")
+    root = traversable_dir("mvpets")
+    inits_before = _sandbox_inits()
+    server = ServerProcess(root, backend="microvm")
+    try:
+        key = server.tenant("vm")
+        server.start()
+        (root / "booter.toml").write_text(_toml(BOOTS))
+        with Corral(server.url, key) as client:
+            pet = client.create_pet(root / "booter.toml", name="booter", memory="256M")
+            wait_for(lambda: _boots(pet) == 1, "the service's first start", timeout=60)
+            qemu = _qemus(root)
+            server.kill9()
+            server.start()
+            # The VM outlived the server; the new server's supervisor starts the service.
+            assert _qemus(root) == qemu
+            again = client.get("booter")
+            wait_for(lambda: _boots(again) == 2, "the service after kill -9", timeout=60)
+            assert again.info.kind == "persistent"
+            again.kill()
+            client.remove_volume("booter")
+        server.stop()
+        assert _qemus(root) == []
+        assert not (root / "volumes").exists() or not any((root / "volumes").iterdir())
+    finally:
+        server.close()
+        assert_no_leaks(root, inits_before)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _boots(pet: Sandbox) -> int:
+    try:
+        result = pet.exec(["cat", "/data/boots"], timeout=20)
+    except CorralError:
+        return -1  # e.g. while the server restarts
+    return result.stdout.decode().count("boot")

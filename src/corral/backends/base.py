@@ -330,6 +330,16 @@ class Backend(abc.ABC):
         """The sandbox's published ports as bound on the host (host_port 0 resolved)."""
         return []
 
+    async def attach_volume(self, sandbox_id: str, mount: HostMount) -> None:
+        """Give the running sandbox a pet's volume (`mount`, writable) without
+        restarting its processes: after it returns the volume is mounted at
+        `mount.target`. UnsupportedError, with the sandbox untouched, where this
+        backend or this sandbox cannot (a running container cannot gain a mount):
+        the caller then re-creates the sandbox with the volume."""
+        raise UnsupportedError(
+            f"{self.name} cannot give a running sandbox a volume", backend=self.name
+        )
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release backend-wide resources (connections); sandboxes keep running."""
 

@@ -112,6 +112,7 @@ class PetManager:
         async with self._allocating:
             self._check_name(name, tenant)
             pinned = self._allocate(limits)
+            existed = self.volumes.volume(tenant, name).image.exists()
             mounted = await self.volumes.ensure(tenant, name, size)
             pet = _pet_facts(spec, restart, {"size": size, "path": volume_spec.path})
             mount = self.volumes.host_mount(mounted, volume_spec.path)
@@ -129,6 +130,8 @@ class PetManager:
                 )
             except BaseException:
                 self.volumes.unmount(mounted)
+                if not existed:  # a failed create leaves no new volume behind
+                    self.volumes.remove(tenant, name)
                 raise
             finally:
                 self._pinned = None
@@ -144,11 +147,13 @@ class PetManager:
         volume: str | int | None = None,
         restart: str | None = None,
     ) -> SandboxRecord:
-        """Make a running ephemeral sandbox a pet. Without `volume` it keeps running
-        as it is (processes and files), re-pinned to CPUs of its own and out of the
-        reaper's reach. With `volume` it is re-created with the volume mounted (the
-        backend cannot add a mount to a running sandbox): its workdir and home are
-        carried over, its processes restart."""
+        """Make a running ephemeral sandbox a pet. It keeps running as it is
+        (processes and files), re-pinned to CPUs of its own and out of the reaper's
+        reach; with `volume`, the volume is given to it in place where the backend
+        can (microVMs: snapshot and restore with the volume's disk). Where the
+        backend cannot re-pin or add the volume to a running sandbox (containers:
+        no new mounts) it is re-created: its workdir and home are carried over,
+        its processes restart."""
         record = self.manager.store.get(sandbox_id, tenant=tenant)
         if record.kind == "persistent":
             raise InvalidStateError(
@@ -170,23 +175,28 @@ class PetManager:
             self._check_name(name, record.tenant)
             pinned = self._allocate(limits)
             size = None if volume is None else _volume_size(volume)
-            if size is None:
-                try:
-                    await self.manager.backend.set_cpuset(record.id, pinned)
-                except UnsupportedError:
-                    size = Volume().size  # cannot re-pin in place: re-create it pinned
+            in_place = True
+            try:
+                await self.manager.backend.set_cpuset(record.id, pinned)
+            except UnsupportedError:
+                in_place = False  # cannot re-pin in place: re-create it pinned
+                size = size or Volume().size
             volume_facts = None
-            if size is not None and spec is not None:
-                # The re-created sandbox's image has the volume's mount point.
-                volume_spec = Volume(size=size, path=(spec.volume or Volume()).path)
-                spec = spec.model_copy(update={"volume": volume_spec})
+            if size is not None:
+                # A re-created sandbox's image has the volume's mount point.
+                path = ((spec.volume if spec is not None else None) or Volume()).path
+                volume_spec = Volume(size=size, path=path)
+                if spec is not None:
+                    spec = spec.model_copy(update={"volume": volume_spec})
                 volume_facts = volume_spec.model_dump()
             pet = _pet_facts(spec, restart, volume_facts)
             new_spec = dict(record.spec) | {
                 "limits": dict(record.limits) | {"cpuset": pinned},
                 "pet": pet,
             }
-            if size is not None:
+            if size is not None and in_place:
+                in_place = await self._attach_volume(record, name, size, volume_spec.path)
+            if not in_place:
                 await self._recreate_with_files(record, name, pet, pinned)
             promoted = self.manager.store.update(
                 record.id,
@@ -196,7 +206,8 @@ class PetManager:
                 spec=new_spec | {"pet": pet},
             )
             self._pinned = None
-        self.log(promoted, f"promoted from {record.id} (CPUs {pinned})")
+        how = "in place" if in_place else "re-created, its workdir and home carried over"
+        self.log(promoted, f"promoted from {record.id} ({how}; CPUs {pinned})")
         return promoted
 
     def restart(self, sandbox_id: str, *, tenant: str | None = None) -> SandboxRecord:
@@ -213,6 +224,24 @@ class PetManager:
             )
         self.log(record, "restarted by request: supervised again")
         return self.manager.store.update(record.id, state=SandboxState.STOPPED, error=None)
+
+    async def _attach_volume(self, record: SandboxRecord, name: str, size: int, path: str) -> bool:
+        """Give running `record` the volume `name` at `path` in place; False when the
+        backend cannot (the caller re-creates it). A volume made for a failed
+        attach is removed again."""
+        existed = self.volumes.volume(record.tenant, name).image.exists()
+        mounted = await self.volumes.ensure(record.tenant, name, size)
+        try:
+            await self.manager.backend.attach_volume(
+                record.id, self.volumes.host_mount(mounted, path)
+            )
+        except UnsupportedError:
+            return False
+        except BaseException:
+            if not existed:
+                self.volumes.remove(record.tenant, name)
+            raise
+        return True
 
     async def _recreate_with_files(
         self, record: SandboxRecord, name: str, pet: dict[str, Any], pinned: str

@@ -189,6 +189,15 @@ class AgentConnection:
         await self.send(b"T", clock + secrets.token_bytes(32))
         await self.expect_result()
 
+    async def mount(self, serial: str, fstype: str, target: str, *, read_only: bool) -> None:
+        """Mount the disk `serial` filled after boot at `target` (made if missing);
+        AgentError with the guest's errno on failure."""
+        payload = struct.pack(">I", int(read_only)) + b"".join(
+            _string(value) for value in (serial, fstype, target)
+        )
+        await self.send(b"M", payload)
+        await self.expect_result()
+
     async def flush(self) -> None:
         """Have the guest write its dirty pages out (`sync`): a pet's volume keeps
         what was written before its VM is killed."""

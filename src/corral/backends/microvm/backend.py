@@ -33,10 +33,11 @@ from corral.backends.base import (
     Capability,
     ExecEvent,
     ExecRequest,
+    HostMount,
     SandboxConfig,
     SandboxStats,
 )
-from corral.backends.microvm import hostcg, snapshots, vm, volumes
+from corral.backends.microvm import attach, hostcg, snapshots, vm, volumes
 from corral.backends.microvm.agent_client import (
     AgentConnection,
     AgentError,
@@ -236,7 +237,7 @@ class MicrovmBackend(Backend):
         )
         drives = [DriveSpec(d.serial, str(d.path), "raw", True) for d in bundle.disks]
         drives.append(DriveSpec("scratch", str(overlay), "qcow2", False))
-        drives += volume_drives
+        drives += volume_drives or [volumes.empty_slot(sandbox_dir)]
         spec = VmSpec(
             kernel=str(bundle.kernel),
             initrd=str(bundle.initramfs),
@@ -357,6 +358,11 @@ class MicrovmBackend(Backend):
                 hint="this host's cgroups have no usable cpuset controller",
             ) from exc
         self._write_meta(self._dir(sandbox_id), dataclasses.replace(meta, cpuset=cpuset))
+
+    async def attach_volume(self, sandbox_id: str, mount: HostMount) -> None:
+        """Snapshot the VM and restore it with the volume in its empty disk slot,
+        then mount it (see attach.py): its processes go on."""
+        await attach.attach_volume(self, sandbox_id, mount)
 
     async def pause(self, sandbox_id: str) -> None:
         self._meta(sandbox_id)
@@ -531,7 +537,11 @@ class MicrovmBackend(Backend):
 def _warm_key(spec: VmSpec, meta: VmMeta, scratch: Path) -> str:
     """What makes two freshly booted sandboxes interchangeable: the VM and its user."""
     drives = [
-        dataclasses.replace(d, path=str(scratch)) if d.serial == "scratch" else d
+        dataclasses.replace(d, path=str(scratch))
+        if d.serial == "scratch"
+        else dataclasses.replace(d, path="")
+        if volumes.is_slot(d)
+        else d
         for d in spec.drives
     ]
     identity = {

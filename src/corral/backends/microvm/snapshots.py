@@ -159,7 +159,11 @@ async def _restore(
     await asyncio.to_thread(shutil.copyfile, source / "scratch.qcow2", overlay)
     spec = saved.vm
     drives = tuple(
-        DriveSpec(d.serial, str(overlay), d.format, d.read_only) if d.serial == "scratch" else d
+        DriveSpec(d.serial, str(overlay), d.format, d.read_only)
+        if d.serial == "scratch"
+        else volumes.empty_slot(sandbox_dir)  # each sandbox its own (QEMU locks it)
+        if volumes.is_slot(d)
+        else d
         for d in spec.drives
     )
     for drive in drives:

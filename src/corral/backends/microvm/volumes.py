@@ -24,9 +24,19 @@ from corral.backends.microvm.agent_client import AgentError, connect
 from corral.backends.microvm.qemu import DriveSpec, VmSpec
 from corral.errors import BackendUnavailableError, ExecError, SandboxStartError, UnsupportedError
 
-__all__ = ["flush", "has_volumes", "split_mounts", "volume_disks"]
+__all__ = [
+    "check_volume",
+    "empty_slot",
+    "flush",
+    "hand_root_to",
+    "has_volumes",
+    "is_slot",
+    "split_mounts",
+    "volume_disks",
+]
 
 SERIAL_PREFIX = "vol"
+SLOT_FILE = "volume-slot"
 FLUSH_DEADLINE = 10.0  # seconds for the guest's sync before the VM is killed anyway
 # A kernel command line token: no spaces, and ':' separates the fields of corral.mount=.
 _TARGET = re.compile(r"/[A-Za-z0-9_./+@=,-]*")
@@ -45,31 +55,52 @@ async def volume_disks(
     drives: list[DriveSpec] = []
     tokens: list[str] = []
     for index, mount in enumerate(volumes):
-        if not mount.source.is_file():
-            raise UnsupportedError(
-                f"a microVM cannot share the host directory {mount.source} writable"
-                f" (at {mount.target})",
-                sandbox_id=sandbox_id,
-                backend="microvm",
-                hint="a pet's volume reaches a VM as its disk image: create pets through"
-                " the runtime (`corral pet`/`service deploy`), or use a container backend",
-            )
-        if not _TARGET.fullmatch(mount.target) or mount.target == "/":
-            raise UnsupportedError(
-                f"the volume path {mount.target!r} cannot be mounted in a microVM",
-                sandbox_id=sandbox_id,
-                backend="microvm",
-                hint="use an absolute path of letters, digits and . _ - / (e.g. /data)",
-            )
-        await _hand_root_to(sandbox_id, mount.source, uid, gid)
+        check_volume(sandbox_id, mount)
+        await hand_root_to(sandbox_id, mount.source, uid, gid)
         serial = f"{SERIAL_PREFIX}{index}"
         drives.append(DriveSpec(serial, str(mount.source), "raw", False, durable=True))
         tokens.append(f"corral.mount={serial}:ext4:{mount.target}:rw")
     return drives, tokens
 
 
+def check_volume(sandbox_id: str, mount: HostMount) -> None:
+    """UnsupportedError unless `mount` is an image a VM can mount at its target."""
+    if not mount.source.is_file():
+        raise UnsupportedError(
+            f"a microVM cannot share the host directory {mount.source} writable"
+            f" (at {mount.target})",
+            sandbox_id=sandbox_id,
+            backend="microvm",
+            hint="a pet's volume reaches a VM as its disk image: create pets through"
+            " the runtime (`corral pet`/`service deploy`), or use a container backend",
+        )
+    if not _TARGET.fullmatch(mount.target) or mount.target == "/":
+        raise UnsupportedError(
+            f"the volume path {mount.target!r} cannot be mounted in a microVM",
+            sandbox_id=sandbox_id,
+            backend="microvm",
+            hint="use an absolute path of letters, digits and . _ - / (e.g. /data)",
+        )
+
+
+def empty_slot(sandbox_dir: Path) -> DriveSpec:
+    """The empty volume disk every VM without a volume boots with. QEMU's microvm
+    has no hotplug, so a running VM gains a volume (promotion) by a snapshot restored
+    with this disk's file swapped for the volume's image (see `attach`)."""
+    path = sandbox_dir / SLOT_FILE
+    path.touch()
+    return DriveSpec(f"{SERIAL_PREFIX}0", str(path), "raw", False, durable=True)
+
+
+def is_slot(drive: DriveSpec) -> bool:
+    return Path(drive.path).name == SLOT_FILE
+
+
 def has_volumes(spec: VmSpec) -> bool:
-    return any(d.serial.startswith(SERIAL_PREFIX) and not d.read_only for d in spec.drives)
+    return any(
+        d.serial.startswith(SERIAL_PREFIX) and not d.read_only and not is_slot(d)
+        for d in spec.drives
+    )
 
 
 async def flush(sandbox_dir: Path, ports: int) -> None:
@@ -83,7 +114,7 @@ async def flush(sandbox_dir: Path, ports: int) -> None:
             await conn.close()
 
 
-async def _hand_root_to(sandbox_id: str, image: Path, uid: int, gid: int) -> None:
+async def hand_root_to(sandbox_id: str, image: Path, uid: int, gid: int) -> None:
     """Replay the journal a killed VM left (so it cannot undo this later), then make
     uid:gid own the file system's root directory."""
     await _tool(sandbox_id, "e2fsck", "-p", str(image), ok=(0, 1))

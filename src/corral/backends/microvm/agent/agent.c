@@ -602,6 +602,8 @@ static void set_clock(port_t *p, rd_t *r) {
     }
 }
 
+static void mount_request(port_t *p, rd_t *r);
+
 /* -- the port protocol --------------------------------------------------- */
 
 static void handle_frame(port_t *p, char type, const unsigned char *data, size_t len) {
@@ -642,6 +644,9 @@ static void handle_frame(port_t *p, char type, const unsigned char *data, size_t
         return;
     case 'Q': /* ping */
         send_frame(p, 'Q', NULL, 0);
+        return;
+    case 'M':
+        mount_request(p, &r);
         return;
     case 'F': /* flush: write the guest's dirty pages out (a pet's volume, before a kill) */
         sync();
@@ -733,6 +738,9 @@ static int disk_by_serial(const char *serial, char *dev, size_t size) {
             char path[300], value[128];
             snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
             if (read_file(path, value, sizeof value) > 0 && strcmp(strtok(value, "\n") ? value : "", serial) == 0) {
+                /* An empty disk is a volume slot not filled yet (it grows on attach). */
+                snprintf(path, sizeof path, "/sys/block/%s/size", e->d_name);
+                if (read_file(path, value, sizeof value) <= 0 || atoll(value) == 0) continue;
                 snprintf(dev, size, "/dev/%s", e->d_name);
                 closedir(d);
                 return 0;
@@ -742,6 +750,26 @@ static int disk_by_serial(const char *serial, char *dev, size_t size) {
         usleep(10000);
     }
     return -1;
+}
+
+/* Mount a disk filled after boot (a pet's volume given to a running VM, after its
+ * size grew from 0): u32 read_only, str serial, str fstype, str target. */
+static void mount_request(port_t *p, rd_t *r) {
+    uint32_t read_only = rd_u32(r);
+    char *serial = rd_str(r), *fstype = rd_str(r), *target = rd_str(r), dev[64];
+    if (!r->ok || target[0] != '/') {
+        send_result(p, EINVAL, "malformed mount request");
+    } else if (disk_by_serial(serial, dev, sizeof dev)) {
+        send_result(p, ENODEV, "no such disk");
+    } else {
+        mkdir(target, 0755);
+        unsigned long flags = MS_NODEV | MS_NOSUID | (read_only ? MS_RDONLY : 0);
+        if (mount(dev, target, fstype, flags, NULL)) send_result(p, errno, strerror(errno));
+        else send_result(p, 0, NULL);
+    }
+    free(serial);
+    free(fstype);
+    free(target);
 }
 
 /* corral.mount=SERIAL|/dev/PATH:FSTYPE:TARGET:ro|rw and corral.bind=SOURCE:TARGET, in order. */
