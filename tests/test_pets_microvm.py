@@ -235,17 +235,23 @@ async def test_promotion_with_a_volume_keeps_the_vm_its_disk_and_processes(
     assert await sh(manager, again, "cat /data/y") == "x\n"
 
 
-async def test_promotion_with_a_volume_without_a_mount_point_restarts_the_vm(
+async def test_promotion_with_a_volume_without_a_mount_point_restarts_the_vm_on_its_disk(
     manager: SandboxManager,
 ) -> None:
-    # `default` has no /data, and a VM's image is read-only: re-created with it.
+    # `default` has no /data, and a VM's image is read-only: it boots again under
+    # the pet's config (an image with /data, the volume) on its own overlay.
     cattle = await manager.create("default", memory="256M")
     await sh(manager, cattle, "mkdir -p /work/src && echo code > /work/src/main.rs")
+    await sh(manager, cattle, "echo tmp > /tmp/kept; sleep 1000 > /dev/null 2>&1 &")
+    assert await sh(manager, cattle, "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sleep") == "1\n"
     pet = await manager.pets.promote(cattle.id, name="moved", volume="8M")
-    assert "re-created, its workdir and home carried over" in _log(manager.pets, pet)
-    out = await sh(manager, pet, "cat /work/src/main.rs; echo x > /data/y && echo ok")
-    assert out == "code\nok\n"
+    assert "(re-created, its disk kept;" in _log(manager.pets, pet)
+    out = await sh(manager, pet, "cat /work/src/main.rs /tmp/kept; echo x > /data/y && echo ok")
+    assert out == "code\ntmp\nok\n"
+    sleeping = "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sleep || true"
+    assert await sh(manager, pet, sleeping) == "0\n"  # its processes restarted
     assert _affinity(_qemu_pid(manager, pet)) == parse_cpus(pet.limits["cpuset"])
+    assert not list(manager.backend.sandboxes_dir.glob(".*"))  # type: ignore[attr-defined]
 
 
 def _affinity(pid: int) -> set[int]:

@@ -330,6 +330,16 @@ class Backend(abc.ABC):
         """The sandbox's published ports as bound on the host (host_port 0 resolved)."""
         return []
 
+    async def recreate(self, config: SandboxConfig) -> None:
+        """Destroy sandbox `config.sandbox_id` and create it again under `config`,
+        keeping its writable disk (its scratch: /tmp, home, workdir); its processes
+        restart. UnsupportedError, with the sandbox untouched, where the backend
+        cannot keep the disk (the caller carries files over itself). After any
+        other failure the sandbox is gone, as after a failed create."""
+        raise UnsupportedError(
+            f"{self.name} cannot re-create a sandbox with its disk kept", backend=self.name
+        )
+
     async def attach_volume(self, sandbox_id: str, mount: HostMount) -> None:
         """Give the running sandbox a pet's volume (`mount`, writable) without
         restarting its processes: after it returns the volume is mounted at

@@ -194,10 +194,11 @@ class PetManager:
                 "limits": dict(record.limits) | {"cpuset": pinned},
                 "pet": pet,
             }
+            how = "in place"
             if size is not None and in_place:
                 in_place = await self._attach_volume(record, name, size, volume_spec.path)
             if not in_place:
-                await self._recreate_with_files(record, name, pet, pinned)
+                how = "re-created, " + await self._recreate_with_files(record, name, pet, pinned)
             promoted = self.manager.store.update(
                 record.id,
                 kind="persistent",
@@ -206,7 +207,6 @@ class PetManager:
                 spec=new_spec | {"pet": pet},
             )
             self._pinned = None
-        how = "in place" if in_place else "re-created, its workdir and home carried over"
         self.log(promoted, f"promoted from {record.id} ({how}; CPUs {pinned})")
         return promoted
 
@@ -245,19 +245,26 @@ class PetManager:
 
     async def _recreate_with_files(
         self, record: SandboxRecord, name: str, pet: dict[str, Any], pinned: str
-    ) -> None:
-        """Re-create `record` as pet `pet` (pinned, with its volume), carrying its
-        workdir and home over as tar streams."""
+    ) -> str:
+        """Re-create `record` as pet `pet` (pinned, with its volume), with its disk
+        kept where the backend can (`Backend.recreate`), else carrying its workdir
+        and home over as tar streams; what was kept, for the log."""
+        staged = dataclasses.replace(record, spec=dict(record.spec) | {"pet": pet}, name=name)
+        config = await self.sandbox_config(staged, cpuset=pinned)
+        try:
+            await self.manager.backend.recreate(config)
+            return "its disk kept"
+        except UnsupportedError:
+            pass
         saved: builtins.list[tuple[str, bytes]] = []
         for directory in await self._writable_dirs(record):
             with contextlib.suppress(CorralError):
                 saved.append((directory, await self.manager.get_archive(record.id, directory)))
-        staged = dataclasses.replace(record, spec=dict(record.spec) | {"pet": pet}, name=name)
-        config = await self.sandbox_config(staged, cpuset=pinned)
         await self.manager.backend.destroy(record.id)
         await self.manager.backend.create(config)
         for directory, tar in saved:
             await self.manager.put_archive(record.id, directory, tar)
+        return "its workdir and home carried over"
 
     async def _writable_dirs(self, record: SandboxRecord) -> builtins.list[str]:
         result = await self.manager.exec(

@@ -1,5 +1,8 @@
-"""A running microVM gains a pet's volume (promotion): snapshot, restore with the volume
-in the disk slot every VM boots with, grow the slot, mount it; the processes go on.
+"""Promotion on microVMs. A running VM gains a pet's volume: snapshot, restore with
+the volume in the disk slot every VM boots with, grow the slot, mount it; the
+processes go on. Where that cannot be, the VM boots again under the pet's config
+on its own scratch overlay (`recreate_keeping_disk`): its files stay, its
+processes restart.
 
 QEMU's `microvm` machine has no hotplug, and a guest kernel only probes the
 virtio-mmio devices it was booted with; QEMU does restore a VM with a device
@@ -11,21 +14,24 @@ snapshot is restored with that slot's file swapped for the volume's image, QMP
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.backends.base import ExecRequest, HostMount
+from corral.backends.base import ExecRequest, HostMount, SandboxConfig
 from corral.backends.microvm import snapshots, volumes
 from corral.backends.microvm.agent_client import AgentError
-from corral.backends.microvm.qemu import DriveSpec, qmp_call
+from corral.backends.microvm.qemu import DriveSpec, QmpSession, qmp_call
+from corral.backends.sandbox_dir import claim_dir, released_on_failure
 from corral.errors import CorralError, ExecError, InvalidStateError, UnsupportedError
 
 if TYPE_CHECKING:
     from corral.backends.microvm.backend import MicrovmBackend
 
-__all__ = ["attach_volume"]
+__all__ = ["attach_volume", "recreate_keeping_disk"]
 
 _MAKE_MOUNT_POINT = '[ -d "$1" ] || mkdir -p "$1"'
 
@@ -106,3 +112,75 @@ async def attach_volume(backend: MicrovmBackend, sandbox_id: str, mount: HostMou
                 ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+async def recreate_keeping_disk(backend: MicrovmBackend, config: SandboxConfig) -> None:
+    """Boot sandbox `config.sandbox_id` again under `config` on its scratch overlay:
+    the guest syncs, QEMU quits (closing the overlay, so its metadata is written),
+    and a new VM (new image, limits, volume) starts on the same overlay.
+
+    UnsupportedError, with the VM untouched, when the overlay cannot serve the new
+    config (another disk size or user means another scratch base)."""
+    from corral.backends.microvm.backend import AGENT_PORTS
+
+    sandbox_id = config.sandbox_id
+    backend._meta(sandbox_id)  # NotFoundError first
+    sandbox_dir = backend._dir(sandbox_id)
+    overlay = sandbox_dir / "scratch.qcow2"
+    base = await asyncio.to_thread(
+        backend.bundles.scratch_base, config.limits.disk, config.image.uid, config.image.gid
+    )
+    if await _backing_file(overlay) != str(base):
+        raise UnsupportedError(
+            "the sandbox's disk cannot be kept: its size or user differs from the new one",
+            sandbox_id=sandbox_id,
+            backend=backend.name,
+            hint="its files are carried over instead",
+        )
+    if (sandbox_dir / "paused").exists():
+        raise InvalidStateError(
+            "a paused VM is not re-created",
+            sandbox_id=sandbox_id,
+            backend=backend.name,
+            hint="resume it first",
+        )
+    if backend._qemu_pid(sandbox_id) is not None:
+        await volumes.flush(sandbox_dir, AGENT_PORTS)
+        async with QmpSession(sandbox_dir / "qmp.sock") as qmp:
+            await qmp.quit()
+        for _ in range(1000):
+            if backend._qemu_pid(sandbox_id) is None:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise ExecError(
+                "the VM did not quit within 10 s",
+                sandbox_id=sandbox_id,
+                backend=backend.name,
+                hint="destroy it and create the pet again",
+            )
+    kept = backend.sandboxes_dir / f".{sandbox_id}.scratch.qcow2"
+    overlay.rename(kept)
+    try:
+        await backend.destroy(sandbox_id)
+        sandbox_dir = claim_dir(backend.sandboxes_dir, sandbox_id, backend.name)
+        kept.rename(sandbox_dir / "scratch.qcow2")
+    finally:
+        kept.unlink(missing_ok=True)
+    await released_on_failure(backend._create(config, sandbox_dir), backend.destroy, sandbox_id)
+
+
+async def _backing_file(overlay: Path) -> str | None:
+    """The overlay's backing file, read while QEMU may hold it (`-U`)."""
+    proc = await asyncio.create_subprocess_exec(
+        *("qemu-img", "info", "-U", "--output=json", str(overlay)),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    output, _ = await proc.communicate()
+    if proc.returncode != 0:
+        return None
+    info = json.loads(output)
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    return str(backing) if backing else None

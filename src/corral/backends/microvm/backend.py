@@ -260,16 +260,18 @@ class MicrovmBackend(Backend):
             vcpus=limits.vcpus,
             cpuset=limits.cpuset,
         )
-        # A pet's volume changes under a snapshot: pets always boot cold.
-        warm_start = self.warm_start and not volume_drives
+        # A pet's volume changes under a snapshot: pets always boot cold; so does
+        # a sandbox re-created on its kept overlay (`recreate`).
+        warm_start = self.warm_start and not volume_drives and not overlay.exists()
         warm = self.warm_dir / _warm_key(spec, meta, scratch)
         if warm_start and await snapshots.warm_start(
             self, config.sandbox_id, sandbox_dir, warm, meta.env
         ):
             return
-        await vm.qemu_img(
-            "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(scratch), str(overlay)
-        )
+        if not overlay.exists():  # else kept by `recreate`
+            await vm.qemu_img(
+                "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(scratch), str(overlay)
+            )
         self._write_meta(sandbox_dir, meta)
         await self.start_vm(config.sandbox_id, meta)
         await self.wait_for_agent(config.sandbox_id, BOOT_DEADLINE)
@@ -358,6 +360,10 @@ class MicrovmBackend(Backend):
                 hint="this host's cgroups have no usable cpuset controller",
             ) from exc
         self._write_meta(self._dir(sandbox_id), dataclasses.replace(meta, cpuset=cpuset))
+
+    async def recreate(self, config: SandboxConfig) -> None:
+        """Boot the sandbox again under `config` on its own scratch overlay (see attach.py)."""
+        await attach.recreate_keeping_disk(self, config)
 
     async def attach_volume(self, sandbox_id: str, mount: HostMount) -> None:
         """Snapshot the VM and restore it with the volume in its empty disk slot,
