@@ -69,6 +69,7 @@ from corral.errors import (
     InvalidStateError,
     NotFoundError,
     SandboxStartError,
+    UnsupportedError,
     UserError,
 )
 
