@@ -275,8 +275,9 @@ class DetachedVmmProcess(VmmProcess):
             await self.wait_exit(grace)
         if self._session is not None:
             procs.kill_session(self._session)
-        if self.pid is not None:
-            procs.kill(self.pid)
+        pid = self.pid  # read once: it turns None the moment the process is gone
+        if pid is not None:
+            procs.kill(pid)
         await self.wait_exit(5.0)
 
 
