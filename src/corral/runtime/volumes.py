@@ -12,7 +12,9 @@ which mounts nothing) a volume is a plain directory with no limit.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,15 +79,18 @@ class VolumeStore:
             # Only while unmounted: resize2fs of a mounted ext4 needs the kernel's
             # online resize, which works, but keep it simple and predictable.
             self.unmount(volume)
+            await _released(volume)
             with open(volume.image, "r+b") as image:
                 image.truncate(size)
             await _run("e2fsck", "-f", "-p", str(volume.image), ok=(0, 1))
             await _run("resize2fs", "-f", str(volume.image))
         if self.mode == "disk":
             self.unmount(volume)  # e.g. left mounted by a container pet of that name
+            await _released(volume)
             return volume
         volume.mountpoint.mkdir(parents=True, exist_ok=True)
         if not self.is_mounted(volume):
+            await _released(volume)  # one file system instance per image, ever
             await _run(
                 "mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(volume.image),
                 str(volume.mountpoint),
@@ -124,6 +129,36 @@ class VolumeStore:
             for base in sorted(tenant.iterdir())
             if (base / "volume.ext4").exists()
         ]
+
+
+async def _released(volume: Volume, timeout: float = 15.0) -> None:
+    """Wait until no loop device backs the image. An unmount is lazy: the file system
+    lives on (and writes its superblock back) until the last process of the sandbox
+    that used it is gone; resizing the image or handing it to a VM before that
+    loses the change, or corrupts it."""
+    deadline = time.monotonic() + timeout
+    while devices := _loop_devices(volume.image):
+        if time.monotonic() > deadline:
+            raise InfrastructureError(
+                f"volume '{volume.image.parent.name}' is still in use ({', '.join(devices)}"
+                " backs it)",
+                hint="wait until the sandbox that used it has exited, then retry",
+            )
+        await asyncio.sleep(0.05)
+
+
+def _loop_devices(image: Path) -> list[str]:
+    """The loop devices whose backing file is `image`."""
+    target = os.path.realpath(image)
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            text = backing.read_text().strip()
+        except OSError:
+            continue
+        if text in (target, target + " (deleted)"):
+            found.append(backing.parent.parent.name)
+    return found
 
 
 def _check_room(root: Path, grow: int) -> None:
