@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(
         app,
         uds=socket_path,
+        # asyncio's own loop: the simulated guest starts its agent with user=/group=,
+        # which uvloop's subprocesses do not take (uvicorn picks uvloop if installed).
+        loop="asyncio",
         lifespan="off",
         log_level="warning",
         access_log=False,
