@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, create_engine, event, select, text
+from sqlalchemy import Connection, bindparam, create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -217,13 +217,11 @@ class Store:
         return Usage(count, vcpus, memory)
 
     def get(self, sandbox_id: str, *, tenant: str | None = None) -> SandboxRecord:
-        query = select(sandboxes).where(
-            (sandboxes.c.id == sandbox_id) | (sandboxes.c.name == sandbox_id)
-        )
-        if tenant is not None:
-            query = query.where(sandboxes.c.tenant == tenant)
         with self._begin() as conn:
-            row = conn.execute(query).first()
+            if tenant is None:
+                row = conn.execute(_GET, {"g_key": sandbox_id}).first()
+            else:
+                row = conn.execute(_GET_OWN, {"g_key": sandbox_id, "g_tenant": tenant}).first()
         if row is None:
             raise NotFoundError(
                 f"no sandbox '{sandbox_id}'",
@@ -280,6 +278,14 @@ class Store:
     def ids(self) -> set[str]:
         with self._begin() as conn:
             return {row[0] for row in conn.execute(select(sandboxes.c.id))}
+
+
+# The lookup every verb starts with, built once: building the statement costs more
+# than running it (~0.1 ms of each exec's 0.3 ms of store time).
+_GET = select(sandboxes).where(
+    (sandboxes.c.id == bindparam("g_key")) | (sandboxes.c.name == bindparam("g_key"))
+)
+_GET_OWN = _GET.where(sandboxes.c.tenant == bindparam("g_tenant"))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

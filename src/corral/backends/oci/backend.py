@@ -351,7 +351,7 @@ class OciBackend(Backend):
 
     def _standby_exec(
         self, sandbox_id: str, request: ExecRequest
-    ) -> AsyncGenerator[Output | Finished, None] | None:
+    ) -> tuple[Standby, AsyncGenerator[Output | Finished, None]] | None:
         """The command through the sandbox's standby, if it has a live one that can
         carry `request` (else None: the ordinary exec)."""
         standby = self._standbys.get(sandbox_id)
@@ -361,28 +361,33 @@ class OciBackend(Backend):
         del self._standbys[sandbox_id]
         if not standby.alive:
             return None
-        return standby.run(line, request)
+        return standby, standby.run(line, request)
 
     async def exec_stream(self, sandbox_id: str, request: ExecRequest) -> AsyncIterator[ExecEvent]:
-        meta = self._meta(sandbox_id)
         if not request.argv:
+            self._meta(sandbox_id)  # an unknown sandbox is NotFoundError first
             raise ExecError(
                 "no command given",
                 sandbox_id=sandbox_id,
                 backend=self.name,
                 hint="pass the command to run, e.g. ['/bin/true']",
             )
-        runtime = get_runtime(meta.runtime)
-        target = ExecTarget(
-            runtime, self._root(runtime), meta.container, meta.cgroup, self._dir(sandbox_id)
-        )
-        token = uuid.uuid4().hex[:12]
-        oom_before = cgroups.oom_kills(meta.cgroup)
-        process = _process_spec(meta, request, token)
+        # A primed sandbox's standby knows where it runs: its first command needs
+        # neither meta.json nor a process spec (the shell has both already).
+        primed = self._standby_exec(sandbox_id, request)
+        if primed is not None:
+            target, stream = primed[0].target, primed[1]
+        else:
+            meta = self._meta(sandbox_id)
+            runtime = get_runtime(meta.runtime)
+            target = ExecTarget(
+                runtime, self._root(runtime), meta.container, meta.cgroup, self._dir(sandbox_id)
+            )
+            token = uuid.uuid4().hex[:12]
+            stream = runtime_exec(target, _process_spec(meta, request, token), request, token)
+        runtime = target.runtime
+        oom_before = cgroups.oom_kills(target.cgroup)
         end: Finished | None = None
-        stream = self._standby_exec(sandbox_id, request) or runtime_exec(
-            target, process, request, token
-        )
         async with contextlib.aclosing(stream) as events:
             async for event in events:
                 if isinstance(event, Finished):
@@ -390,7 +395,7 @@ class OciBackend(Backend):
                 else:
                     yield event
         assert end is not None
-        oom = cgroups.oom_kills(meta.cgroup) > oom_before
+        oom = cgroups.oom_kills(target.cgroup) > oom_before
         # A dying gVisor sentry can make `runsc exec` report any code, even 0: ask
         # the runtime whether the sandbox is still there (~20 ms, runsc only).
         gone = not runtime.in_kernel and await self.status(sandbox_id) != BackendStatus.RUNNING

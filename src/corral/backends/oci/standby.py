@@ -154,4 +154,5 @@ async def start_standby(target: ExecTarget, process: dict[str, Any], token: str)
             stderr_tail=tail,
             hint="its first command takes the ordinary exec path",
         ) from None
+    process_file.unlink()  # read by the runtime before the shell started: not at claim time
     return standby
