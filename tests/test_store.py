@@ -83,6 +83,21 @@ def test_names_are_unique_per_tenant(store: Store) -> None:
     assert "sb-5" not in store.ids()
 
 
+def test_mark_destroying_is_one_step_and_keeps_the_first_owner(store: Store) -> None:
+    store.insert(record("sb-1", name="svc"))
+    assert store.mark_destroying("sb-1", "host:2", tenant="t2") is None  # not t2's
+    assert store.mark_destroying("svc", "host:2") is None  # names go the long way
+    assert store.mark_destroying("sb-9", "host:2") is None
+    first = store.mark_destroying("sb-1", "host:1", tenant="t1")
+    assert first is not None
+    assert (first.state, first.owner) == ("destroying", "host:1")
+    again = store.mark_destroying("sb-1", "host:2")
+    assert again is not None
+    assert (again.owner, again.updated_at) == ("host:1", first.updated_at)
+    store.update("sb-1", state="destroyed")
+    assert store.mark_destroying("sb-1", "host:2") is None
+
+
 def test_usage_counts_live_sandboxes(store: Store) -> None:
     store.insert(record("sb-1"))
     store.insert(record("sb-2", state="paused"))

@@ -7,6 +7,7 @@ database already at HEAD_REVISION skips importing Alembic (CLI start-up time).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, create_engine, event, select, text
+from sqlalchemy import Connection, Update, bindparam, case, create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -239,8 +240,11 @@ class Store:
         labels: Mapping[str, str] | None = None,
         backend: str | None = None,
         expired_before: float | None = None,
+        kind: str | None = None,
     ) -> list[SandboxRecord]:
         query = select(sandboxes).order_by(sandboxes.c.created_at, sandboxes.c.id)
+        if kind is not None:
+            query = query.where(sandboxes.c.kind == kind)
         if tenant is not None:
             query = query.where(sandboxes.c.tenant == tenant)
         if states:
@@ -259,17 +263,28 @@ class Store:
     def update(self, sandbox_id: str, **changes: Any) -> SandboxRecord:
         changes = _columns(changes)
         changes["updated_at"] = time.time()
-        statement = (
-            sandboxes.update()
-            .where(sandboxes.c.id == sandbox_id)
-            .values(**changes)
-            .returning(*sandboxes.c)
-        )
+        params = {f"u_{column}": value for column, value in changes.items()}
+        params["u_key"] = sandbox_id
         with self._begin() as conn:
-            row = conn.execute(statement).first()
+            row = conn.execute(_update_statement(tuple(changes)), params).first()
         if row is None:
             raise NotFoundError(f"no sandbox '{sandbox_id}'", sandbox_id=sandbox_id)
         return _row_to_record(row)
+
+    def mark_destroying(
+        self, sandbox_id: str, owner: str, *, tenant: str | None = None
+    ) -> SandboxRecord | None:
+        """Move the sandbox with this id (of `tenant`, when given) to DESTROYING with
+        `owner` in one statement; one already DESTROYING keeps its owner. The record
+        as it was, or None when no such id is in a state that may be destroyed (a
+        name, an unknown id: the caller looks it up to say why)."""
+        params = {"d_key": sandbox_id, "d_owner": owner, "d_now": time.time()}
+        statement = _MARK_DESTROYING
+        if tenant is not None:
+            statement, params["d_tenant"] = _MARK_OWN_DESTROYING, tenant
+        with self._begin() as conn:
+            row = conn.execute(statement, params).first()
+        return None if row is None else _row_to_record(row)
 
     def delete(self, sandbox_id: str) -> None:
         with self._begin() as conn:
@@ -286,6 +301,36 @@ _GET = select(sandboxes).where(
     (sandboxes.c.id == bindparam("g_key")) | (sandboxes.c.name == bindparam("g_key"))
 )
 _GET_OWN = _GET.where(sandboxes.c.tenant == bindparam("g_tenant"))
+
+
+@functools.lru_cache(maxsize=64)
+def _update_statement(columns: tuple[str, ...]) -> Update:
+    """UPDATE of `columns` (bound as u_<column>) on the row with id u_key, built once
+    per set of columns."""
+    return (
+        sandboxes.update()
+        .where(sandboxes.c.id == bindparam("u_key"))
+        .values({column: bindparam(f"u_{column}") for column in columns})
+        .returning(*sandboxes.c)
+    )
+
+
+# Destroy's first step, in place of a read and a write: every state but DESTROYED
+# may go to DESTROYING (runtime/state.py), and a second destroy leaves the first's
+# owner and time alone.
+_DESTROYABLE = ("creating", "running", "paused", "stopped", "failed", "destroying")
+_was_destroying = sandboxes.c.state == "destroying"
+_MARK_DESTROYING = (
+    sandboxes.update()
+    .where((sandboxes.c.id == bindparam("d_key")) & sandboxes.c.state.in_(_DESTROYABLE))
+    .values(
+        state="destroying",
+        owner=case((_was_destroying, sandboxes.c.owner), else_=bindparam("d_owner")),
+        updated_at=case((_was_destroying, sandboxes.c.updated_at), else_=bindparam("d_now")),
+    )
+    .returning(*sandboxes.c)
+)
+_MARK_OWN_DESTROYING = _MARK_DESTROYING.where(sandboxes.c.tenant == bindparam("d_tenant"))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

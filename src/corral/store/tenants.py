@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 
 from corral.errors import AuthenticationError, ConflictError, NotFoundError, UserError
 from corral.store.schema import api_keys, sandboxes, tenants
@@ -83,7 +83,7 @@ class Tenants:
 
     def find(self, name: str) -> Tenant | None:
         with self.store._begin() as conn:
-            row = conn.execute(select(tenants).where(tenants.c.name == name)).first()
+            row = conn.execute(_TENANT_ROW, {"t_name": name}).first()
         return None if row is None else _tenant(row)
 
     def get(self, name: str) -> Tenant:
@@ -148,7 +148,7 @@ class Tenants:
             raise refused
         key_id, secret = match.groups()
         with self.store._begin() as conn:
-            row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+            row = conn.execute(_KEY_ROW, {"k_id": key_id}).first()
         if row is None or row.revoked_at is not None:
             raise refused
         if not hmac.compare_digest(row.secret_sha256, _digest(secret)):
@@ -171,6 +171,12 @@ class Tenants:
             ).rowcount
         if not done:
             raise NotFoundError(f"no active key '{key_id}'", hint="list keys with `corral keys ls`")
+
+
+# Built once: every API request checks its key, every create reads its tenant's
+# quota, and building a statement costs more than running it.
+_KEY_ROW = select(api_keys).where(api_keys.c.id == bindparam("k_id"))
+_TENANT_ROW = select(tenants).where(tenants.c.name == bindparam("t_name"))
 
 
 def _quota_columns(quota: Quota) -> dict[str, Any]:

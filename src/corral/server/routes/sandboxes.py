@@ -33,6 +33,13 @@ def to_model(record: SandboxRecord) -> Sandbox:
     return Sandbox.from_record(record)
 
 
+def sandbox_response(record: SandboxRecord, status_code: int = 200) -> Response:
+    """The record as a `Sandbox` body, serialized once: a route that returns the model
+    has FastAPI validate it again against its response_model (~0.3 ms a request)."""
+    body = to_model(record).model_dump_json()
+    return Response(body, status_code=status_code, media_type="application/json")
+
+
 def _template(request: Request, body: SandboxCreate, caller: Caller) -> Template:
     if body.template_spec is None:
         return resolve_template(request, body.template)
@@ -62,7 +69,7 @@ def publish_ports(manager: SandboxManager, ports: list[PublishPort]) -> list[Por
 
 
 @router.post("/sandboxes", status_code=201, response_model=Sandbox)
-async def create_sandbox(request: Request, body: SandboxCreate, caller: CallerDep) -> Sandbox:
+async def create_sandbox(request: Request, body: SandboxCreate, caller: CallerDep) -> Response:
     """Create and start a sandbox owned by the caller's tenant."""
     runtime = runtime_of(request.app)
     template = _template(request, body, caller)
@@ -83,7 +90,7 @@ async def create_sandbox(request: Request, body: SandboxCreate, caller: CallerDe
         tenant=caller.tenant,
         ports=publish_ports(runtime.manager, body.ports),
     )
-    return to_model(record)
+    return sandbox_response(record, 201)
 
 
 def _label_filter(label: list[str] | None) -> dict[str, str]:
@@ -122,8 +129,8 @@ async def list_sandboxes(
 
 
 @router.get("/sandboxes/{sandbox_id}", response_model=Sandbox)
-async def get_sandbox(request: Request, sandbox_id: str, caller: CallerDep) -> Sandbox:
-    return to_model(runtime_of(request.app).manager.get(sandbox_id, tenant=caller.scope))
+async def get_sandbox(request: Request, sandbox_id: str, caller: CallerDep) -> Response:
+    return sandbox_response(runtime_of(request.app).manager.get(sandbox_id, tenant=caller.scope))
 
 
 @router.patch("/sandboxes/{sandbox_id}", response_model=Sandbox)
