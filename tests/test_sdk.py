@@ -656,10 +656,19 @@ def test_stopping_exec_stream_early_closes_the_response(api: FakeApi, sandbox: S
 
 
 def test_exec_closes_the_response_after_the_exit_line(api: FakeApi, sandbox: Sandbox) -> None:
-    stream = Chunks([ndjson(exit_event(0)), b"trailing garbage that is never read\n"])
+    # What follows the exit line is read to the end of the body (so the connection
+    # can serve the next request) but never decoded ...
+    stream = Chunks([ndjson(exit_event(0)), b"trailing garbage that is never decoded\n"])
     api.on("POST", "/v1/sandboxes/sb-1/exec", httpx.Response(200, stream=stream))
     assert sandbox.exec(["true"]).ok
     assert stream.closed
+    assert stream.sent == 2
+    # ... and only a little of it: past 64 KiB the response is closed unread.
+    endless = Chunks([ndjson(exit_event(0))] + [b"x" * 4096] * 1000)
+    api.on("POST", "/v1/sandboxes/sb-1/exec", httpx.Response(200, stream=endless))
+    assert sandbox.exec(["true"]).ok
+    assert endless.closed
+    assert endless.sent < 30
 
 
 def test_a_bad_argv_is_refused_before_sending(api: FakeApi, sandbox: Sandbox) -> None:

@@ -8,7 +8,7 @@ Corral exceptions. `sync.py` and `aio.py` only send and receive.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -254,3 +254,25 @@ def parse_list(call: Call, response: httpx.Response, model: type[ModelT]) -> lis
 def parse_stats(call: Call, response: httpx.Response) -> SandboxStats:
     stats = parse(call, response, models.Stats)
     return SandboxStats(**stats.model_dump())
+
+
+# What is read after an exec's exit event to finish its response (normally nothing:
+# the server ends the body there); past this the connection is dropped instead.
+_DRAIN_LIMIT = 64 << 10
+
+
+def drain(chunks: Iterator[bytes]) -> None:
+    """Read and ignore the rest of a response body, up to _DRAIN_LIMIT bytes."""
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > _DRAIN_LIMIT:
+            return
+
+
+async def adrain(chunks: AsyncIterator[bytes]) -> None:
+    seen = 0
+    async for chunk in chunks:
+        seen += len(chunk)
+        if seen > _DRAIN_LIMIT:
+            return

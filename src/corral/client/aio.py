@@ -216,10 +216,14 @@ class AsyncCorral(BaseClient):
                 if not response.is_success:
                     await response.aread()
                     self._check(call, response)
-                async for chunk in response.aiter_bytes():
+                chunks = response.aiter_bytes()
+                async for chunk in chunks:
                     for event in decoder.feed(chunk):
                         yield event
                     if decoder.exit_status is not None:
+                        # Read to the end, so the connection serves the next request
+                        # (see Corral._events).
+                        await _base.adrain(chunks)
                         return
                 for event in decoder.finish():
                     yield event

@@ -229,9 +229,15 @@ class Corral(BaseClient):
             if not response.is_success:
                 response.read()
                 self._check(call, response)
-            for chunk in response.iter_bytes():
+            chunks = response.iter_bytes()
+            for chunk in chunks:
                 yield from decoder.feed(chunk)
                 if decoder.exit_status is not None:
+                    # Read the body to its end (the server ends it right after the
+                    # exit event): an unfinished response closes its connection, and
+                    # the next request would pay for a new one. Anything more than a
+                    # little is not read: the connection is dropped as before.
+                    _base.drain(chunks)
                     return
             yield from decoder.finish()
 
