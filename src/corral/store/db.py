@@ -189,7 +189,7 @@ class Store:
                         .values(name=tenants.c.name)
                     )
                     check(self._usage(conn, record.tenant))
-                conn.execute(sandboxes.insert().values(**values))
+                conn.execute(_INSERT, values)  # the columns come with the values
         except StoreError as error:
             if isinstance(error.__cause__, IntegrityError) and record.name:
                 raise ConflictError(
@@ -288,7 +288,7 @@ class Store:
 
     def delete(self, sandbox_id: str) -> None:
         with self._begin() as conn:
-            conn.execute(sandboxes.delete().where(sandboxes.c.id == sandbox_id))
+            conn.execute(_DELETE, {"x_key": sandbox_id})
 
     def ids(self) -> set[str]:
         with self._begin() as conn:
@@ -301,6 +301,8 @@ _GET = select(sandboxes).where(
     (sandboxes.c.id == bindparam("g_key")) | (sandboxes.c.name == bindparam("g_key"))
 )
 _GET_OWN = _GET.where(sandboxes.c.tenant == bindparam("g_tenant"))
+_INSERT = sandboxes.insert()
+_DELETE = sandboxes.delete().where(sandboxes.c.id == bindparam("x_key"))
 
 
 @functools.lru_cache(maxsize=64)

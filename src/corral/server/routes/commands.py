@@ -86,6 +86,8 @@ async def exec_command(
         try:
             async for event in _until(events, gone):
                 yield event_body(event).model_dump_json(exclude_defaults=True).encode() + b"\n"
+                if not isinstance(event, Output):
+                    break  # the exit event is the last: end the body with it, now
         except CorralError as error:
             # Past the status line: report the failure as the stream's last event.
             _, problem = to_problem(error)
