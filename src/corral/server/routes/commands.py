@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
 
 from corral.api.models import NDJSON_MEDIA_TYPE, ExecBody, ExecEventBody
 from corral.api.problems import to_problem
@@ -98,7 +99,16 @@ async def exec_command(
             if close is not None:
                 await close()
 
-    return StreamingResponse(lines(), media_type=NDJSON_MEDIA_TYPE)
+    return _EventStream(lines(), media_type=NDJSON_MEDIA_TYPE)
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that leaves watching for the client's departure to the
+    stream itself (`lines` does): Starlette's own watcher (an anyio task group per
+    response, under uvicorn's ASGI 2.3) cost ~0.5 ms an exec and did it twice."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.stream_response(send)
 
 
 async def _disconnected(request: Request) -> None:
