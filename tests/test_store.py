@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -174,3 +175,28 @@ def test_an_unreachable_database_is_a_store_error() -> None:
 
     with pytest.raises(StoreError, match="store error"):
         Store("postgresql+psycopg://nobody@/nothing?host=/nonexistent-dir&connect_timeout=2")
+
+
+def test_a_claim_finds_the_oldest_ready_member_from_the_index_alone(tmp_path: Path) -> None:
+    """SQLite's plan for the claim's lookup: one index search, no table scan or sort
+    (with a pool-only index it searched the tenant index and sorted every sandbox
+    of the tenant on each claim)."""
+    from corral.store.pools import OLDEST_READY
+
+    store = Store(f"sqlite:///{tmp_path / 'corral.db'}")
+    for i in range(20):
+        store.insert(record(f"sb-{i}"))
+    compiled = OLDEST_READY.compile(dialect=store.engine.dialect)
+    values = compiled.params | {"c_tenant": "t1", "c_pool": "p", "c_state": "running"}
+    assert compiled.positiontup is not None
+    with store.engine.connect() as conn:
+        plan = conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + compiled.string,
+            tuple(values[name] for name in compiled.positiontup),
+        ).all()
+    store.close()
+    details = [row[3] for row in plan]
+    assert details == [
+        "SEARCH sandboxes USING COVERING INDEX ix_sandboxes_pool_claim"
+        " (pool=? AND tenant=? AND state=?)"
+    ], details

@@ -239,13 +239,10 @@ _READY = (
     & (sandboxes.c.pool == bindparam("c_pool"))
     & (sandboxes.c.state == bindparam("c_state"))
 )
-_OLDEST = (
-    select(sandboxes.c.id)
-    .where(_READY)
-    .order_by(sandboxes.c.created_at, sandboxes.c.id)
-    .limit(1)
-    .scalar_subquery()
-)
+OLDEST_READY = (
+    select(sandboxes.c.id).where(_READY).order_by(sandboxes.c.created_at, sandboxes.c.id).limit(1)
+)  # served by the index ix_sandboxes_pool_claim alone
+_OLDEST = OLDEST_READY.scalar_subquery()
 _CLAIM = (
     sandboxes.update()
     .where((sandboxes.c.id == _OLDEST) & _READY)

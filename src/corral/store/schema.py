@@ -50,7 +50,17 @@ Index("ix_sandboxes_state", sandboxes.c.state)
 Index("ix_sandboxes_tenant", sandboxes.c.tenant)
 # Names are unique per tenant (NULL names never clash).
 Index("ux_sandboxes_tenant_name", sandboxes.c.tenant, sandboxes.c.name, unique=True)
-Index("ix_sandboxes_pool", sandboxes.c.pool)
+# A pool claim's lookup: the oldest ready member of one tenant's pool, straight from
+# the index (a pool-only index lost to the tenant index: every claim scanned all of
+# the tenant's sandboxes and sorted them).
+Index(
+    "ix_sandboxes_pool_claim",
+    sandboxes.c.pool,
+    sandboxes.c.tenant,
+    sandboxes.c.state,
+    sandboxes.c.created_at,
+    sandboxes.c.id,
+)
 
 tenants = Table(
     "tenants",
@@ -90,4 +100,4 @@ pools = Table(
 )
 
 # The newest migration; the store skips Alembic entirely when the database has it.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
