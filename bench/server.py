@@ -35,7 +35,7 @@ from rich.table import Table  # noqa: E402
 from startup import limits_of, prepare_raw_bundle, traversable_dir  # noqa: E402
 from tests.server_harness import ServerProcess  # noqa: E402
 
-from corral import Corral  # noqa: E402
+from corral import AsyncCorral, Corral  # noqa: E402
 from corral._sys.procs import use_pidfd_child_watcher  # noqa: E402
 from corral.backends.oci import OciBackend  # noqa: E402
 from corral.backends.oci.runtimes import get_runtime  # noqa: E402
@@ -133,6 +133,31 @@ class Rig:
             list(pool.map(worker, range(clients)))
         return sum(done) / (time.perf_counter() - started)
 
+    def sdk_async_throughput(self, clients: int, seconds: float) -> float:
+        """`clients` AsyncCorral clients as tasks in one event loop (as the in-process
+        workers run): what an agent platform driving many sandboxes would use, and a
+        client process that does not spend its CPU on 32 threads fighting for the GIL."""
+
+        async def run() -> float:
+            deadline = time.perf_counter() + seconds
+            done = 0
+
+            async def worker() -> None:
+                nonlocal done
+                async with AsyncCorral(self.server.url, self.key, timeout=120) as client:
+                    while time.perf_counter() < deadline:
+                        async with client.sandbox(labels=LABELS) as sandbox:
+                            result = await sandbox.exec(["/bin/true"])
+                            if not result.ok:
+                                raise RuntimeError(f"exec failed: {result}")
+                        done += 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(clients)))
+            return done / (time.perf_counter() - started)
+
+        return asyncio.run(run())
+
     def api_throughput(self, clients: int, seconds: float) -> float:
         async def run() -> float:
             deadline = time.perf_counter() + seconds
@@ -182,7 +207,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     latency: dict[str, dict[str, list[float]]] = {
         k: {"first": [], "total": []} for k in ("raw", "api", "sdk")
     }
-    throughput: dict[str, dict[int, float]] = {"raw": {}, "api": {}, "sdk": {}}
+    throughput: dict[str, dict[int, float]] = {"raw": {}, "api": {}, "sdk": {}, "sdk_async": {}}
     try:
         for warm in range(3):  # the first of each pays one-time costs
             rig.raw_cycle(), asyncio.run(rig.api_cycle()), rig.sdk_cycle()
@@ -202,6 +227,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             throughput["raw"][count] = rig.raw_throughput(count, args.seconds)
             throughput["api"][count] = rig.api_throughput(count, args.seconds)
             throughput["sdk"][count] = rig.sdk_throughput(count, args.seconds)
+            throughput["sdk_async"][count] = rig.sdk_async_throughput(count, args.seconds)
     finally:
         leftovers = rig.close()
     if leftovers:
@@ -220,7 +246,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     summary["server_overhead_first_result_p50_ms"] = sdk["first"]["p50"] - api["first"]["p50"]
     summary["targets"] = {
         "overhead_ms<=5": summary["server_overhead_p50_ms"] <= OVERHEAD_TARGET_MS,
-        "throughput>=40/s": max(throughput["sdk"].values()) >= THROUGHPUT_TARGET,
+        "throughput>=40/s": max(
+            max(throughput["sdk"].values()), max(throughput["sdk_async"].values())
+        )
+        >= THROUGHPUT_TARGET,
     }
     summary["host"] = {
         "cpus": os.cpu_count(),
@@ -252,12 +281,16 @@ def report(summary: dict[str, Any]) -> None:
     console.print(table)
     tput = Table(title="sustained create+exec+destroy per second")
     tput.add_column("clients", justify="right")
-    for key in ("raw", "api", "sdk"):
+    names["sdk"] = "SDK (threads) -> serve"
+    names["sdk_async"] = "AsyncCorral (tasks) -> serve"
+    keys = ("raw", "api", "sdk", "sdk_async")
+    for key in keys:
         tput.add_column(names[key], justify="right")
-    tput.add_column("sdk / in-process", justify="right")
+    tput.add_column("best sdk / in-process", justify="right")
     for count in summary["throughput_per_s"]["sdk"]:
-        values = [summary["throughput_per_s"][k][count] for k in ("raw", "api", "sdk")]
-        tput.add_row(str(count), *(f"{v:.1f}" for v in values), f"{values[2] / values[1]:.2f}")
+        values = [summary["throughput_per_s"][k][count] for k in keys]
+        best = max(values[2], values[3]) / values[1]
+        tput.add_row(str(count), *(f"{v:.1f}" for v in values), f"{best:.2f}")
     console.print(tput)
     console.print(
         f"server overhead at p50: {summary['server_overhead_p50_ms']:.1f} ms (full cycle),"
