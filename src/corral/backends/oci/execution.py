@@ -216,25 +216,29 @@ class ExecTarget:
     work_dir: Path  # where the exec's process spec and pid file are written
 
 
-async def runtime_exec(
-    target: ExecTarget, process: dict[str, Any], request: ExecRequest, token: str
-) -> AsyncGenerator[Output | Finished, None]:
-    """`<runtime> exec --process` of `process` (an OCI process carrying `token` in its
-    env), streamed by `stream_process`; its files are gone when the stream ends."""
+def exec_command(
+    target: ExecTarget, process: dict[str, Any], token: str
+) -> tuple[list[str], Path, Path]:
+    """Write `process` (an OCI process spec) for `<runtime> exec --process`: the
+    command line, the process file and the pid file the runtime will write."""
     runtime = target.runtime
     process_file = target.work_dir / f"exec-{token}.json"
     pid_file = target.work_dir / f"exec-{token}.pid"
     process_file.write_text(json.dumps(process))
     pid_flag = "--pid-file" if runtime.in_kernel else "--internal-pid-file"
     argv = runtime.command(
-        target.root,
-        "exec",
-        "--process",
-        str(process_file),
-        pid_flag,
-        str(pid_file),
+        target.root, "exec", "--process", str(process_file), pid_flag, str(pid_file),
         target.container,
-    )
+    )  # fmt: skip
+    return argv, process_file, pid_file
+
+
+async def runtime_exec(
+    target: ExecTarget, process: dict[str, Any], request: ExecRequest, token: str
+) -> AsyncGenerator[Output | Finished, None]:
+    """`<runtime> exec --process` of `process` (an OCI process carrying `token` in its
+    env), streamed by `stream_process`; its files are gone when the stream ends."""
+    argv, process_file, pid_file = exec_command(target, process, token)
 
     async def kill(sid: int) -> None:
         await kill_exec(target, sid, pid_file, token)

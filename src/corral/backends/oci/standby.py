@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -25,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from corral.backends.base import ExecRequest, Output
-from corral.backends.oci.execution import ExecTarget, Finished, follow_process, kill_exec
+from corral.backends.oci.execution import (
+    ExecTarget,
+    Finished,
+    exec_command,
+    follow_process,
+    kill_exec,
+)
 from corral.errors import ExecError
 
 # Says it is ready (one byte, read by `start_standby`), reads the command line (EOF
@@ -118,21 +123,8 @@ class Standby:
 async def start_standby(target: ExecTarget, process: dict[str, Any], token: str) -> Standby:
     """Exec the standby shell with `process` (an OCI process spec carrying `token`);
     its args are replaced by the standby script."""
-    runtime = target.runtime
     process = {**process, "args": ["/bin/sh", "-c", _SCRIPT]}
-    process_file = target.work_dir / f"exec-{token}.json"
-    pid_file = target.work_dir / f"exec-{token}.pid"
-    process_file.write_text(json.dumps(process))
-    pid_flag = "--pid-file" if runtime.in_kernel else "--internal-pid-file"
-    argv = runtime.command(
-        target.root,
-        "exec",
-        "--process",
-        str(process_file),
-        pid_flag,
-        str(pid_file),
-        target.container,
-    )
+    argv, process_file, pid_file = exec_command(target, process, token)
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
