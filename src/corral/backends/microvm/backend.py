@@ -44,7 +44,7 @@ from corral.backends.microvm.agent_client import (
     connect,
     encode_exec,
 )
-from corral.backends.microvm.bundle import DEFAULT_CACHE, BundleStore
+from corral.backends.microvm.bundle import DEFAULT_CACHE, Bundle, BundleStore
 from corral.backends.microvm.qemu import (
     QEMU,
     DriveSpec,
@@ -152,6 +152,7 @@ class MicrovmBackend(Backend):
                 + ", ".join(VMMS)
                 + " (--vmm, or [microvm] vmm in the config)",
             )
+        self._check_options(vmm, warm_start)
         del runtime
         env = os.environ if environ is None else environ
         self.environ = env
@@ -166,6 +167,30 @@ class MicrovmBackend(Backend):
         self.bundles = BundleStore(cache)
         instance = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
         self.cgroup_parent = f"{CGROUP_PARENT}/{instance}"
+
+    async def _bundle(
+        self, config: SandboxConfig, host_mounts: Sequence[HostMount]
+    ) -> tuple[Bundle, Path]:
+        """The sandbox's bundle (built in a thread the first time) and the base of its
+        scratch disk; SandboxStartError when they cannot be built."""
+        image, limits = config.image, config.limits
+        try:
+            bundle = await asyncio.to_thread(self.bundles.bundle, image, host_mounts)
+            scratch = await asyncio.to_thread(
+                self.bundles.scratch_base, limits.disk, image.uid, image.gid
+            )
+        except CorralError as exc:
+            raise SandboxStartError(
+                f"the microVM bundle could not be built: {exc.message}",
+                sandbox_id=config.sandbox_id,
+                backend=self.name,
+                stderr_tail=exc.stderr_tail,
+                hint=exc.hint,
+            ) from exc
+        return bundle, scratch
+
+    def _check_options(self, vmm: str, warm_start: bool) -> None:
+        """Refuse options this class cannot honour (the subclass: its VMMs, no warm start)."""
 
     # -- records -------------------------------------------------------------
 
@@ -202,19 +227,7 @@ class MicrovmBackend(Backend):
         volume_drives, volume_tokens = await volumes.volume_disks(
             config.sandbox_id, volume_mounts, image.uid, image.gid
         )
-        try:
-            bundle = await asyncio.to_thread(self.bundles.bundle, image, host_mounts)
-            scratch = await asyncio.to_thread(
-                self.bundles.scratch_base, limits.disk, image.uid, image.gid
-            )
-        except CorralError as exc:
-            raise SandboxStartError(
-                f"the microVM bundle could not be built: {exc.message}",
-                sandbox_id=config.sandbox_id,
-                backend=self.name,
-                stderr_tail=exc.stderr_tail,
-                hint=exc.hint,
-            ) from exc
+        bundle, scratch = await self._bundle(config, host_mounts)
         overlay = sandbox_dir / "scratch.qcow2"
         mounts = [f"corral.mount={d.serial}:{d.fstype}:{d.target}:ro" for d in bundle.disks]
         binds = ["corral.bind=/.corral/tmp:/tmp"]
@@ -285,9 +298,42 @@ class MicrovmBackend(Backend):
         cgroup.create(vcpus=meta.vcpus, memory=meta.memory_limit, cpuset=meta.cpuset)
         await vm.start_qemu(sandbox_id, self._dir(sandbox_id), meta.vm, cgroup, incoming=incoming)
 
+    # What to look at when a VM's agent never answers (the subclass's VMMs: vsock).
+    _agent_hint: ClassVar[str] = "the host may be overloaded (TCG); see the guest console"
+
     async def wait_for_agent(self, sandbox_id: str, deadline: float) -> None:
-        """Until the guest agent answers (and has the host's time); SandboxStartError if never."""
-        await vm.wait_for_agent(sandbox_id, self._dir(sandbox_id), AGENT_PORTS, deadline)
+        """Until the guest agent answers (over `_dial`), then set the guest's clock on
+        that connection; SandboxStartError (with the console) if the VM stops or the
+        agent never answers."""
+        sandbox_dir = self._dir(sandbox_id)
+        until = time.monotonic() + deadline
+        while True:
+            if self._vm_pid(sandbox_id) is None:
+                raise SandboxStartError(
+                    f"the {self.vmm} VM stopped while booting",
+                    sandbox_id=sandbox_id,
+                    backend=self.name,
+                    stderr_tail=vm.tail(sandbox_dir / "console.log")
+                    or vm.tail(sandbox_dir / "qemu.log"),
+                    hint="see the guest console above; `corral doctor` checks the host",
+                )
+            try:
+                conn = await self._dial(sandbox_dir, min(2.0, max(0.1, until - time.monotonic())))
+            except ExecError as exc:
+                if time.monotonic() >= until:
+                    raise SandboxStartError(
+                        f"the guest agent did not answer within {deadline:.0f}s: {exc.message}",
+                        sandbox_id=sandbox_id,
+                        backend=self.name,
+                        stderr_tail=vm.tail(sandbox_dir / "console.log"),
+                        hint=self._agent_hint,
+                    ) from None
+                continue
+            try:
+                await conn.set_clock()
+            finally:
+                await conn.close()
+            return
 
     async def set_clock(self, sandbox_id: str) -> None:
         """Set the guest's wall clock to the host's (after boot and after every restore)."""

@@ -7,15 +7,13 @@ snapshot code call these with the sandbox's directory.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from corral.backends.microvm import hostcg
-from corral.backends.microvm.agent_client import connect
 from corral.backends.microvm.qemu import VmSpec, command_line
 from corral.errors import BackendUnavailableError, ExecError, SandboxStartError
 
-__all__ = ["qemu_img", "qemu_pid", "start_qemu", "tail", "wait_for_agent"]
+__all__ = ["qemu_img", "qemu_pid", "start_qemu", "tail"]
 
 # Longest a unix socket path may be (sun_path is 108 bytes with its NUL).
 _SUN_PATH_MAX = 107
@@ -70,38 +68,6 @@ def qemu_pid(sandbox_dir: Path) -> int | None:
     if state in ("Z", "X") or str(sandbox_dir).encode() not in cmdline:
         return None
     return pid
-
-
-async def wait_for_agent(sandbox_id: str, sandbox_dir: Path, ports: int, deadline: float) -> None:
-    """Until the guest agent answers, then set the guest's clock on that same
-    connection; SandboxStartError (with the console) if it never answers."""
-    until = time.monotonic() + deadline
-    while True:
-        if qemu_pid(sandbox_dir) is None:
-            raise SandboxStartError(
-                "the VM stopped while booting",
-                sandbox_id=sandbox_id,
-                backend="microvm",
-                stderr_tail=tail(sandbox_dir / "console.log") or tail(sandbox_dir / "qemu.log"),
-                hint="see the guest console above; `corral doctor` checks the host",
-            )
-        try:
-            conn = await connect(sandbox_dir, ports, deadline=min(2.0, until - time.monotonic()))
-        except ExecError:
-            if time.monotonic() >= until:
-                raise SandboxStartError(
-                    f"the guest agent did not answer within {deadline:.0f}s",
-                    sandbox_id=sandbox_id,
-                    backend="microvm",
-                    stderr_tail=tail(sandbox_dir / "console.log"),
-                    hint="the host may be overloaded (TCG); see the guest console",
-                ) from None
-            continue
-        try:
-            await conn.set_clock()
-        finally:
-            await conn.close()
-        return
 
 
 async def qemu_img(*args: str) -> None:

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import shutil
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -32,7 +31,7 @@ from corral.backends.base import BackendStatus, SandboxConfig
 from corral.backends.microvm import hostcg, vm
 from corral.backends.microvm.agent_client import AgentConnection
 from corral.backends.microvm.backend import BOOT_DEADLINE, MicrovmBackend, VmMeta
-from corral.backends.microvm.settings import VmmName, VmmSettings
+from corral.backends.microvm.settings import VmmName
 from corral.backends.microvm.vmm import BootSpec, DiskSpec, RestoreSpec, VmmState, VsockSpec
 from corral.backends.microvm.vmm.process import MAX_SOCKET_PATH, DetachedVmmProcess, ProcessRecord
 from corral.backends.microvm.vmm.settings import make_driver
@@ -42,7 +41,6 @@ from corral.backends.sandbox_dir import claim_dir, refuse_network, released_on_f
 from corral.errors import (
     BackendUnavailableError,
     CorralError,
-    ExecError,
     InvalidStateError,
     NotFoundError,
     SandboxStartError,
@@ -66,25 +64,9 @@ _VMM_CMDLINE = {"firecracker": "pci=off", "cloud-hypervisor": ""}
 class VmmBackend(MicrovmBackend):
     """Sandboxes as Firecracker or Cloud Hypervisor microVMs; see the module docstring."""
 
-    def __init__(
-        self,
-        state_dir: Path,
-        *,
-        vmm: str = "firecracker",
-        cache_dir: Path | None = None,
-        runtime: str | None = None,
-        environ: Mapping[str, str] | None = None,
-        warm_start: bool = False,
-        vmm_settings: VmmSettings | None = None,
-    ) -> None:
-        super().__init__(
-            state_dir,
-            vmm=vmm,
-            cache_dir=cache_dir,
-            runtime=runtime,
-            environ=environ,
-            vmm_settings=vmm_settings,
-        )
+    _agent_hint = "see the guest console; the kernel needs virtio-vsock"
+
+    def _check_options(self, vmm: str, warm_start: bool) -> None:
         if vmm not in _VMM_CMDLINE:
             raise UserError(
                 f"VmmBackend drives firecracker or cloud-hypervisor, not '{vmm}'",
@@ -187,19 +169,7 @@ class VmmBackend(MicrovmBackend):
     async def _create(self, config: SandboxConfig, sandbox_dir: Path) -> None:
         _check_socket_room(sandbox_dir, config.sandbox_id)
         image, limits = config.image, config.limits
-        try:
-            bundle = await asyncio.to_thread(self.bundles.bundle, image, config.mounts)
-            scratch = await asyncio.to_thread(
-                self.bundles.scratch_base, limits.disk, image.uid, image.gid
-            )
-        except CorralError as exc:
-            raise SandboxStartError(
-                f"the microVM bundle could not be built: {exc.message}",
-                sandbox_id=config.sandbox_id,
-                backend=self.name,
-                stderr_tail=exc.stderr_tail,
-                hint=exc.hint,
-            ) from exc
+        bundle, scratch = await self._bundle(config, config.mounts)
         overlay = sandbox_dir / OVERLAY
         await copy_disk(scratch, overlay, config.sandbox_id)
         root, *host_disks = bundle.disks
@@ -263,38 +233,6 @@ class VmmBackend(MicrovmBackend):
             sandbox_id=sandbox_id,
             backend=self.name,
         )
-
-    async def wait_for_agent(self, sandbox_id: str, deadline: float) -> None:
-        """Until the guest agent answers over vsock, then set the guest's clock on that
-        connection; SandboxStartError (with the guest console) if it never answers."""
-        sandbox_dir = self._dir(sandbox_id)
-        until = time.monotonic() + deadline
-        while True:
-            if self._vm_pid(sandbox_id) is None:
-                raise SandboxStartError(
-                    f"the {self.vmm} VM stopped while booting",
-                    sandbox_id=sandbox_id,
-                    backend=self.name,
-                    stderr_tail=vm.tail(sandbox_dir / "console.log"),
-                    hint="see the guest console above; `corral doctor` checks the host",
-                )
-            try:
-                conn = await self._dial(sandbox_dir, min(2.0, max(0.1, until - time.monotonic())))
-            except ExecError as exc:
-                if time.monotonic() >= until:
-                    raise SandboxStartError(
-                        f"the guest agent did not answer within {deadline:.0f}s: {exc.message}",
-                        sandbox_id=sandbox_id,
-                        backend=self.name,
-                        stderr_tail=vm.tail(sandbox_dir / "console.log"),
-                        hint="see the guest console; the kernel needs virtio-vsock",
-                    ) from None
-                continue
-            try:
-                await conn.set_clock()
-            finally:
-                await conn.close()
-            return
 
     async def destroy(self, sandbox_id: str) -> None:
         sandbox_dir = self._dir(sandbox_id)
