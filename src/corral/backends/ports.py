@@ -145,16 +145,9 @@ async def start_forwarder(
     bound = [
         PortMapping(p["container_port"], p["host_port"], p["host_ip"]) for p in answer["ports"]
     ]
-    write_ports(sandbox_dir, bound, forwarder=int(answer["pid"]))
-    return bound
-
-
-def write_ports(
-    sandbox_dir: Path, bound: Sequence[PortMapping], forwarder: int | None = None
-) -> None:
-    """Record the ports as bound (and the forwarder publishing them, if Corral's)."""
-    record = {"pid": forwarder, "ports": [p.as_dict() for p in bound]}
+    record = {"pid": int(answer["pid"]), "ports": [p.as_dict() for p in bound]}
     (sandbox_dir / PORTS_FILE).write_text(json.dumps(record))
+    return bound
 
 
 def read_ports(sandbox_dir: Path) -> list[PortMapping]:
