@@ -7,12 +7,13 @@ Corral exceptions. `sync.py` and `aio.py` only send and receive.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -165,15 +166,46 @@ class BaseClient:
             url, api_key, os.environ if environ is None else environ
         )
         self._timeout = timeout
+        self._headers = self._connection.headers()
+        self._is_closed = False
 
     @property
     def url(self) -> str:
         """The server this client talks to."""
         return self._connection.display
 
-    def _timeout_for(self, call: Call) -> httpx.Timeout:
+    def _timeout_for(self, call: Call) -> dict[str, float | None]:
+        """The request's timeouts, as httpx transports read them from its extensions."""
         read = self._timeout if call.read_timeout == "client" else call.read_timeout
-        return httpx.Timeout(self._timeout, read=read)
+        each = self._timeout
+        return {"connect": each, "read": read, "write": each, "pool": each}
+
+    def _request(self, call: Call) -> httpx.Request:
+        """`call` as a request for the transport. The clients hand it to their httpx
+        transport themselves: httpx.Client's per-request work (joining the URL to a
+        base, cookies, redirects, auth hooks) is nothing the API uses, and cost
+        ~0.2 ms of CPU a request."""
+        if self._is_closed:
+            raise self._closed(call)
+        url = self._connection.base_url + call.path
+        if call.params:
+            url += "?" + urlencode(call.params)
+        headers = self._headers
+        content = call.content
+        if call.json is not None:
+            content = json.dumps(
+                call.json, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode()
+            headers = headers | {"Content-Type": "application/json"}
+        elif call.content_type:
+            headers = headers | {"Content-Type": call.content_type}
+        return httpx.Request(
+            call.method,
+            url,
+            headers=headers,
+            content=content,
+            extensions={"timeout": self._timeout_for(call)},
+        )
 
     def _transport_errors(self, call: Call) -> TransportErrors:
         return TransportErrors(self._connection, call)

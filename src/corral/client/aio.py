@@ -43,14 +43,7 @@ class AsyncCorral(BaseClient):
         environ: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(url, api_key, timeout=timeout, environ=environ)
-        if transport is None and self._connection.uds:
-            transport = httpx.AsyncHTTPTransport(uds=self._connection.uds)
-        self._http = httpx.AsyncClient(
-            base_url=self._connection.base_url,
-            headers=self._connection.headers(),
-            timeout=timeout,
-            transport=transport,
-        )
+        self._transport = transport or httpx.AsyncHTTPTransport(uds=self._connection.uds)
 
     async def __aenter__(self) -> AsyncCorral:
         return self
@@ -62,7 +55,9 @@ class AsyncCorral(BaseClient):
 
     async def aclose(self) -> None:
         """Close the connections (sandboxes are untouched)."""
-        await self._http.aclose()
+        if not self._is_closed:
+            self._is_closed = True
+            await self._transport.aclose()
 
     async def create(
         self, template: str | os.PathLike[str] = "default", **options: Unpack[SandboxOptions]
@@ -176,57 +171,45 @@ class AsyncCorral(BaseClient):
         return _base.parse_list(call, await self._send(call), models.TenantInfo)
 
     async def _send(self, call: Call) -> httpx.Response:
-        if self._http.is_closed:
-            raise self._closed(call)
-        with self._transport_errors(call):
-            response = await self._http.request(
-                call.method,
-                call.path,
-                params=call.params,
-                json=call.json,
-                content=call.content,
-                headers=call.headers(),
-                timeout=self._timeout_for(call),
-            )
-        self._check(call, response)
+        async with self._response(call) as response:
+            await response.aread()
         return response
+
+    @contextlib.asynccontextmanager
+    async def _response(self, call: Call) -> AsyncIterator[httpx.Response]:
+        """The answer to `call`, its body not read yet (see `Corral._response`)."""
+        request = self._request(call)
+        with self._transport_errors(call):
+            response = await self._transport.handle_async_request(request)
+            response.request = request
+            try:
+                if not response.is_success:
+                    await response.aread()
+                    self._check(call, response)
+                yield response
+            finally:
+                await response.aclose()
 
     async def _chunks(self, call: Call) -> AsyncGenerator[bytes, None]:
         """A streamed response body, chunk by chunk (a pet's log)."""
-        if self._http.is_closed:
-            raise self._closed(call)
-        with self._transport_errors(call):
-            async with self._http.stream(
-                call.method, call.path, params=call.params, timeout=self._timeout_for(call)
-            ) as response:
-                if not response.is_success:
-                    await response.aread()
-                    self._check(call, response)
-                async for chunk in response.aiter_bytes():
-                    yield chunk
+        async with self._response(call) as response:
+            async for chunk in response.aiter_bytes():
+                yield chunk
 
     async def _events(self, call: Call) -> AsyncGenerator[ExecEvent, None]:
-        if self._http.is_closed:
-            raise self._closed(call)
         decoder = NdjsonDecoder(call.sandbox_id)
-        with self._transport_errors(call):
-            async with self._http.stream(
-                call.method, call.path, json=call.json, timeout=self._timeout_for(call)
-            ) as response:
-                if not response.is_success:
-                    await response.aread()
-                    self._check(call, response)
-                chunks = response.aiter_bytes()
-                async for chunk in chunks:
-                    for event in decoder.feed(chunk):
-                        yield event
-                    if decoder.exit_status is not None:
-                        # Read to the end, so the connection serves the next request
-                        # (see Corral._events).
-                        await _base.adrain(chunks)
-                        return
-                for event in decoder.finish():
+        async with self._response(call) as response:
+            chunks = response.aiter_bytes()
+            async for chunk in chunks:
+                for event in decoder.feed(chunk):
                     yield event
+                if decoder.exit_status is not None:
+                    # Read to the end, so the connection serves the next request
+                    # (see Corral._events).
+                    await _base.adrain(chunks)
+                    return
+            for event in decoder.finish():
+                yield event
 
 
 class _Creating:

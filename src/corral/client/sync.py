@@ -45,14 +45,7 @@ class Corral(BaseClient):
         environ: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(url, api_key, timeout=timeout, environ=environ)
-        if transport is None and self._connection.uds:
-            transport = httpx.HTTPTransport(uds=self._connection.uds)
-        self._http = httpx.Client(
-            base_url=self._connection.base_url,
-            headers=self._connection.headers(),
-            timeout=timeout,
-            transport=transport,
-        )
+        self._transport = transport or httpx.HTTPTransport(uds=self._connection.uds)
 
     def __enter__(self) -> Corral:
         return self
@@ -64,7 +57,9 @@ class Corral(BaseClient):
 
     def close(self) -> None:
         """Close the connections (sandboxes are untouched)."""
-        self._http.close()
+        if not self._is_closed:
+            self._is_closed = True
+            self._transport.close()
 
     def create(
         self, template: str | os.PathLike[str] = "default", **options: Unpack[SandboxOptions]
@@ -186,49 +181,34 @@ class Corral(BaseClient):
         return _base.parse_list(call, self._send(call), models.TenantInfo)
 
     def _send(self, call: Call) -> httpx.Response:
-        if self._http.is_closed:
-            raise self._closed(call)
-        with self._transport_errors(call):
-            response = self._http.request(
-                call.method,
-                call.path,
-                params=call.params,
-                json=call.json,
-                content=call.content,
-                headers=call.headers(),
-                timeout=self._timeout_for(call),
-            )
-        self._check(call, response)
+        with self._response(call) as response:
+            response.read()
         return response
+
+    @contextlib.contextmanager
+    def _response(self, call: Call) -> Iterator[httpx.Response]:
+        """The answer to `call`, its body not read yet; closed on the way out. An error
+        answer is read and raised as its Corral exception."""
+        request = self._request(call)
+        with self._transport_errors(call):
+            response = self._transport.handle_request(request)
+            response.request = request
+            try:
+                if not response.is_success:
+                    response.read()
+                    self._check(call, response)
+                yield response
+            finally:
+                response.close()
 
     def _chunks(self, call: Call) -> Iterator[bytes]:
         """A streamed response body, chunk by chunk (a pet's log)."""
-        if self._http.is_closed:
-            raise self._closed(call)
-        with (
-            self._transport_errors(call),
-            self._http.stream(
-                call.method, call.path, params=call.params, timeout=self._timeout_for(call)
-            ) as response,
-        ):
-            if not response.is_success:
-                response.read()
-                self._check(call, response)
+        with self._response(call) as response:
             yield from response.iter_bytes()
 
     def _events(self, call: Call) -> Iterator[ExecEvent]:
-        if self._http.is_closed:
-            raise self._closed(call)
         decoder = NdjsonDecoder(call.sandbox_id)
-        with (
-            self._transport_errors(call),
-            self._http.stream(
-                call.method, call.path, json=call.json, timeout=self._timeout_for(call)
-            ) as response,
-        ):
-            if not response.is_success:
-                response.read()
-                self._check(call, response)
+        with self._response(call) as response:
             chunks = response.iter_bytes()
             for chunk in chunks:
                 yield from decoder.feed(chunk)
