@@ -106,6 +106,11 @@ def test_same_commands_and_output_locally_and_remotely(
         assert b"no sandbox" in gone.stderr
         run = cli(*ctx, "run", "--put", f"{local_file}:/work/p.txt", "--", "cat", "/work/p.txt")
         assert (run.returncode, run.stdout) == (0, b"payload\n")
+        # Without files to copy in, a remote run is one request (POST /v1/run): the
+        # same output and exit status, and nothing left either way.
+        argv = ["sh", "-c", "echo o; echo e >&2; exit 3"]
+        plain = cli(*ctx, "run", "--label", "suite=remote", "--memory", "64M", "--", *argv)
+        assert (plain.returncode, plain.stdout, plain.stderr) == (3, b"o\n", b"e\n")
         assert json.loads(cli(*ctx, "ls", "--json").stdout) == []
     assert shapes["local"] == shapes["prod"]
 

@@ -23,6 +23,7 @@ import pytest
 from websockets.sync.server import Server, ServerConnection, serve
 
 from corral import errors
+from corral.api import models
 from corral.api.problems import PROBLEMS, to_problem
 from corral.backends.base import ExecResult, ExitStatus, Output, SandboxStats
 from corral.client import Corral, Sandbox
@@ -543,6 +544,41 @@ def test_exec_sends_the_command_and_collects_a_typed_result(api: FakeApi, sandbo
     }
     # The read waits for the command's own timeout plus a margin.
     assert api.last.extensions["timeout"]["read"] == 65
+
+
+def test_run_sends_the_sandbox_and_the_command_in_one_request(api: FakeApi, corral: Corral) -> None:
+    body = ndjson(out("stdout", b"hi\n"), exit_event(0))
+    api.on("POST", "/v1/run", httpx.Response(200, content=body))
+    result = corral.run(["echo", "hi"], "rust", env={"A": "1"}, timeout=5, memory="64M",
+                        labels={"k": "v"})  # fmt: skip
+    assert (result.exit_code, result.stdout) == (0, b"hi\n")
+    assert api.body() == {
+        "argv": ["echo", "hi"],
+        "env": {"A": "1"},
+        "timeout": 5,
+        # The sandbox outlives the command's timeout by the margin only.
+        "sandbox": {"template": "rust", "memory": "64M", "labels": {"k": "v"}, "timeout": 65},
+    }
+    # The first line may wait for a create (an image build), then for the command.
+    assert api.last.extensions["timeout"]["read"] == 900 + 5 + 60
+    assert corral.run("true").ok
+    assert api.body() == {"argv": ["/bin/sh", "-c", "true"], "sandbox": {"template": "default"}}
+    assert api.last.extensions["timeout"]["read"] is None
+
+
+def test_run_from_a_pool_sends_only_what_a_claim_sets(api: FakeApi, corral: Corral) -> None:
+    api.on("POST", "/v1/run", httpx.Response(200, content=ndjson(exit_event(0))))
+    assert corral.run("true", from_pool="warm", labels={"k": "v"}, name="job-1").ok
+    assert api.body() == {
+        "argv": ["/bin/sh", "-c", "true"],
+        "pool": "warm",
+        "sandbox": {"labels": {"k": "v"}, "name": "job-1"},
+    }
+    with pytest.raises(errors.UserError, match="cpus: the pool fixes"):
+        corral.run("true", from_pool="warm", cpus=2)
+    assert len(api.requests) == 1
+    # What the server lets a claim set is what a claim takes.
+    assert set(models.ClaimBody.model_fields) == models.CLAIM_FIELDS
 
 
 def test_a_string_command_runs_under_sh_and_has_no_read_limit(

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 API_PREFIX = "/v1"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 TAR_MEDIA_TYPE = "application/x-tar"
+# On a /run response: the id of the sandbox the command runs in.
+SANDBOX_ID_HEADER = "Corral-Sandbox-Id"
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -160,6 +162,20 @@ class ExecBody(_Body):
 
     def stdin_bytes(self) -> bytes | None:
         return None if self.stdin is None else base64.b64decode(self.stdin, validate=True)
+
+
+class RunBody(ExecBody):
+    """A one-shot command: a sandbox made as `sandbox` says (or claimed from warm pool
+    `pool`, which fixes the template and limits: only the sandbox's timeout, labels,
+    metadata and name apply then), the command run in it, and the sandbox destroyed
+    once it ends - also when the client goes away first."""
+
+    sandbox: SandboxCreate = Field(default_factory=SandboxCreate)
+    pool: Name | None = None
+
+
+# The fields of `RunBody.sandbox` a claim from a pool honours (those of ClaimBody).
+CLAIM_FIELDS = frozenset({"timeout", "labels", "metadata", "name"})
 
 
 class ExecEventBody(BaseModel):

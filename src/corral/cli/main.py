@@ -165,8 +165,17 @@ def run(
     async def go() -> int:
         env_map, labels = parse_env(env), parse_labels(label)
         files = [(remote, _read_local(local)) for local, remote in map(_split_put, put or [])]
+        from corral.cli.targets import RemoteTarget
+
         target = STATE.target()
         try:
+            if isinstance(target, RemoteTarget) and not (files or publish or from_pool):
+                # One request: nothing to say or copy between create and exec.
+                one_request = target.run_stream(
+                    template, command, env=env_map, cwd=workdir, timeout=timeout,
+                    memory=memory, cpus=cpus, pids=pids, disk=disk, labels=labels,
+                )  # fmt: skip
+                return await _stream(one_request)
             if from_pool is not None:
                 _pool_fixes(memory=memory, cpus=cpus, pids=pids, disk=disk, publish=publish)
                 sandbox = await _claim(target, from_pool, timeout=timeout, labels=labels)

@@ -217,6 +217,30 @@ class RemoteTarget(Target):
         finally:
             await stream.aclose()
 
+    async def run_stream(
+        self,
+        template: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str | None,
+        timeout: float | None,
+        **options: Any,
+    ) -> AsyncGenerator[ExecEvent]:
+        """Create, exec and destroy in one request (the server destroys the sandbox
+        even if this process dies mid-way)."""
+        if self.runtime is not None:
+            options["runtime"] = self.runtime
+        fields = {k: v for k, v in options.items() if v is not None}
+        stream = self.client.run_stream(
+            list(argv), template, env=dict(env), cwd=cwd, timeout=timeout, **fields
+        )
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            await stream.aclose()
+
     async def put_file(self, sandbox: str, path: str, data: bytes) -> None:
         await (await self.client.get(sandbox)).files.write(path, data)
 

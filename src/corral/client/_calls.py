@@ -24,8 +24,9 @@ CREATE_TIMEOUT = 900.0
 EXEC_TIMEOUT_MARGIN = 60.0
 
 
-class SandboxOptions(TypedDict, total=False):
-    """The optional fields of a new sandbox (see `corral.api.models.SandboxCreate`)."""
+class RunOptions(TypedDict, total=False):
+    """The sandbox's optional fields for `run` (where `env` and `timeout` are the
+    command's); `SandboxOptions` adds those two."""
 
     runtime: str
     memory: str | int
@@ -33,14 +34,19 @@ class SandboxOptions(TypedDict, total=False):
     pids: int
     disk: str | int
     cpuset: str
-    timeout: float
-    env: Mapping[str, str]
     labels: Mapping[str, str]
     metadata: Mapping[str, Any]
     name: str
     # Published on the server's host: 8080, "18080:8080", "127.0.0.1:0:8080", or
     # {"container_port": 8080, "host_port": 0, "host_ip": ...}.
     ports: Sequence[int | str | Mapping[str, Any]]
+
+
+class SandboxOptions(RunOptions, total=False):
+    """The optional fields of a new sandbox (see `corral.api.models.SandboxCreate`)."""
+
+    timeout: float
+    env: Mapping[str, str]
 
 
 def _port_fields(port: int | str | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -55,7 +61,7 @@ def _port_fields(port: int | str | Mapping[str, Any]) -> Mapping[str, Any]:
     return fields
 
 
-def _sandbox_fields(options: SandboxOptions) -> dict[str, Any]:
+def _sandbox_fields(options: RunOptions) -> dict[str, Any]:
     fields: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     if "ports" in fields:
         fields["ports"] = [_port_fields(p) for p in fields["ports"]]
@@ -231,6 +237,41 @@ def exec_call(
         # Without a timeout a command may stay silent for as long as it likes.
         read_timeout=None if timeout is None else timeout + EXEC_TIMEOUT_MARGIN,
         sandbox_id=sandbox_id,
+    )
+
+
+def run_call(
+    argv: str | Sequence[str],
+    template: str | os.PathLike[str],
+    *,
+    pool: str | None,
+    options: RunOptions,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    stdin: bytes | str | None,
+    timeout: float | None,
+) -> Call:
+    """One request that makes a sandbox (or claims one from `pool`), runs the command
+    and destroys the sandbox. The sandbox outlives a command timeout by the margin
+    only: were the server to stop mid-run, the reaper removes it then."""
+    if pool is not None:
+        sandbox: dict[str, Any] = dict(claim_options(options))
+    else:
+        sandbox = _sandbox_fields(options)
+        sandbox.update(template_fields(template))
+    if timeout is not None:
+        sandbox.setdefault("timeout", timeout + EXEC_TIMEOUT_MARGIN)
+    fields = exec_body(argv, env, cwd, stdin, timeout) | {"sandbox": sandbox}
+    if pool is not None:
+        fields["pool"] = pool
+    body = _validated(models.RunBody, fields, "run")
+    # The first line comes once the sandbox runs (creating may build the image); after
+    # that a command without a timeout may stay silent as long as it likes.
+    return Call(
+        "POST",
+        f"{models.API_PREFIX}/run",
+        json=body,
+        read_timeout=None if timeout is None else CREATE_TIMEOUT + timeout + EXEC_TIMEOUT_MARGIN,
     )
 
 

@@ -20,7 +20,7 @@ from corral.api import models
 from corral.backends.base import ExecEvent, ExecResult, ExitStatus, SandboxStats
 from corral.client import _archive, _base, _calls, _ws
 from corral.client._base import DEFAULT_TIMEOUT, BaseClient, Call
-from corral.client._calls import ClaimOptions, PoolOptions, SandboxOptions
+from corral.client._calls import ClaimOptions, PoolOptions, RunOptions, SandboxOptions
 from corral.client._events import NdjsonDecoder, ResultCollector, stream_cut
 from corral.errors import CorralError, InvalidStateError, NotFoundError
 
@@ -78,6 +78,46 @@ class AsyncCorral(BaseClient):
         if from_pool is not None:
             return _Creating(self, template, options, _calls.claim_options(options), from_pool)
         return _Creating(self, template, options)
+
+    async def run(
+        self,
+        argv: str | Sequence[str],
+        template: str | os.PathLike[str] = "default",
+        *,
+        from_pool: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[RunOptions],
+    ) -> ExecResult:
+        """See `Corral.run`."""
+        collector = ResultCollector()
+        async for event in self.run_stream(
+            argv, template, from_pool=from_pool, env=env, cwd=cwd, stdin=stdin,
+            timeout=timeout, **options,
+        ):  # fmt: skip
+            collector.add(event)
+        return collector.result(sandbox_id=None)
+
+    def run_stream(
+        self,
+        argv: str | Sequence[str],
+        template: str | os.PathLike[str] = "default",
+        *,
+        from_pool: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[RunOptions],
+    ) -> AsyncGenerator[ExecEvent, None]:
+        """See `Corral.run_stream`."""
+        call = _calls.run_call(
+            argv, template, pool=from_pool, options=options, env=env, cwd=cwd, stdin=stdin,
+            timeout=timeout,
+        )  # fmt: skip
+        return self._events(call)
 
     async def create_pet(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Unpack
 
@@ -20,7 +20,7 @@ from corral.api import models
 from corral.backends.base import ExecEvent, ExecResult, ExitStatus, SandboxStats
 from corral.client import _archive, _base, _calls, _ws
 from corral.client._base import DEFAULT_TIMEOUT, BaseClient, Call
-from corral.client._calls import ClaimOptions, PoolOptions, SandboxOptions
+from corral.client._calls import ClaimOptions, PoolOptions, RunOptions, SandboxOptions
 from corral.client._events import NdjsonDecoder, ResultCollector, stream_cut
 from corral.errors import CorralError, NotFoundError
 
@@ -82,6 +82,49 @@ class Corral(BaseClient):
         if from_pool is not None:
             return self.claim(from_pool, **_calls.claim_options(options))
         return self.create(template, **options)
+
+    def run(
+        self,
+        argv: str | Sequence[str],
+        template: str | os.PathLike[str] = "default",
+        *,
+        from_pool: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[RunOptions],
+    ) -> ExecResult:
+        """Run a command in a fresh sandbox (or one claimed from warm pool `from_pool`)
+        and destroy the sandbox, in one request; returns once it is gone. `env`,
+        `cwd`, `stdin` and `timeout` are the command's; `options` the sandbox's (see
+        `create`)."""
+        collector = ResultCollector()
+        for event in self.run_stream(
+            argv, template, from_pool=from_pool, env=env, cwd=cwd, stdin=stdin,
+            timeout=timeout, **options,
+        ):  # fmt: skip
+            collector.add(event)
+        return collector.result(sandbox_id=None)
+
+    def run_stream(
+        self,
+        argv: str | Sequence[str],
+        template: str | os.PathLike[str] = "default",
+        *,
+        from_pool: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[RunOptions],
+    ) -> Generator[ExecEvent, None, None]:
+        """`run`, yielding output events as the command writes them, then its exit."""
+        call = _calls.run_call(
+            argv, template, pool=from_pool, options=options, env=env, cwd=cwd, stdin=stdin,
+            timeout=timeout,
+        )  # fmt: skip
+        return self._events(call)
 
     def create_pet(
         self,
@@ -206,7 +249,7 @@ class Corral(BaseClient):
         with self._response(call) as response:
             yield from response.iter_bytes()
 
-    def _events(self, call: Call) -> Iterator[ExecEvent]:
+    def _events(self, call: Call) -> Generator[ExecEvent, None, None]:
         decoder = NdjsonDecoder(call.sandbox_id)
         with self._response(call) as response:
             chunks = response.iter_bytes()

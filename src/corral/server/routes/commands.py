@@ -7,20 +7,31 @@ import base64
 import binascii
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from corral.api.models import NDJSON_MEDIA_TYPE, ExecBody, ExecEventBody
+from corral.api.models import (
+    CLAIM_FIELDS,
+    NDJSON_MEDIA_TYPE,
+    SANDBOX_ID_HEADER,
+    ExecBody,
+    ExecEventBody,
+    RunBody,
+)
 from corral.api.problems import to_problem
 from corral.backends.base import ExecEvent, Output
 from corral.errors import CorralError, UserError
+from corral.runtime.manager import SandboxManager
 from corral.server.app import runtime_of
 from corral.server.auth import Caller, CallerDep, authenticate
+from corral.server.routes.sandboxes import create_record
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["exec"])
 
 
@@ -79,27 +90,90 @@ async def exec_command(
     command writes them, base64), the last one always `exit`. If the client goes away,
     the command is killed."""
     events = _start(request, sandbox_id, body, caller, _stdin(body))
+    return _EventStream(_lines(request, events), media_type=NDJSON_MEDIA_TYPE)
 
-    async def lines() -> AsyncGenerator[bytes]:
-        # The client leaving must stop the command even while it prints nothing (the
-        # ASGI server reports the disconnect only to whoever reads `receive`).
-        gone = asyncio.create_task(_disconnected(request))
+
+@router.post(
+    "/run",
+    response_class=StreamingResponse,
+    responses={200: {"content": {NDJSON_MEDIA_TYPE: {}}, "description": "NDJSON events"}},
+)
+async def run_command(request: Request, body: RunBody, caller: CallerDep) -> StreamingResponse:
+    """Create a sandbox (or claim one from `pool`), run the command in it, and destroy it
+    when the command ends: one request for a short task. The events are those of
+    exec; the body ends once the sandbox is gone, and the sandbox is destroyed too
+    when the client leaves early. The sandbox's id is in the Corral-Sandbox-Id header."""
+    stdin = _stdin(body)
+    runtime = runtime_of(request.app)
+    if body.pool is not None:
+        refused = sorted(body.sandbox.model_fields_set - CLAIM_FIELDS)
+        if refused:
+            raise UserError(
+                f"sandbox.{refused[0]} cannot be set with a pool: the pool fixes it",
+                hint=f"with pool, set only sandbox.{', sandbox.'.join(sorted(CLAIM_FIELDS))}",
+            )
+        claimed = await runtime.pools.claim(
+            body.pool,
+            tenant=caller.tenant,
+            timeout=body.sandbox.timeout,
+            labels=body.sandbox.labels,
+            metadata=body.sandbox.metadata,
+            name=body.sandbox.name,
+        )
+        record = claimed.record
+    else:
+        record = await create_record(request, body.sandbox, caller)
+    destroy = _destroyer(runtime.manager, record.id)
+    try:
+        events = _start(request, record.id, body, caller, stdin)
+    except BaseException:
+        await destroy()
+        raise
+    return _EventStream(
+        _lines(request, events, finally_=destroy),
+        media_type=NDJSON_MEDIA_TYPE,
+        headers={SANDBOX_ID_HEADER: record.id},
+    )
+
+
+def _destroyer(manager: SandboxManager, sandbox_id: str) -> Callable[[], Awaitable[None]]:
+    async def destroy() -> None:
+        # Shielded: a cancelled response (the client gone, the server stopping) still
+        # releases the sandbox; a failure is logged, and the reaper retries.
         try:
-            async for event in _until(events, gone):
-                yield event_body(event).model_dump_json(exclude_defaults=True).encode() + b"\n"
-                if not isinstance(event, Output):
-                    break  # the exit event is the last: end the body with it, now
+            await asyncio.shield(manager.destroy(sandbox_id))
         except CorralError as error:
-            # Past the status line: report the failure as the stream's last event.
-            _, problem = to_problem(error)
-            yield json.dumps({"type": "exit", "exit_code": -1, "problem": problem}).encode()
-        finally:
-            gone.cancel()
-            close = getattr(events, "aclose", None)
-            if close is not None:
-                await close()
+            log.warning("run: destroying %s failed: %s", sandbox_id, error)
 
-    return _EventStream(lines(), media_type=NDJSON_MEDIA_TYPE)
+    return destroy
+
+
+async def _lines(
+    request: Request,
+    events: AsyncIterator[ExecEvent],
+    finally_: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncGenerator[bytes]:
+    """`events` as NDJSON lines, the exit event last; the command is killed when the
+    client goes away. `finally_` runs once the command is over, before the body ends."""
+    # The client leaving must stop the command even while it prints nothing (the
+    # ASGI server reports the disconnect only to whoever reads `receive`).
+    gone = asyncio.create_task(_disconnected(request))
+    try:
+        async for event in _until(events, gone):
+            yield event_body(event).model_dump_json(exclude_defaults=True).encode() + b"\n"
+            if not isinstance(event, Output):
+                break  # the exit event is the last: end the body with it, now
+    except CorralError as error:
+        # Past the status line: report the failure as the stream's last event.
+        _, problem = to_problem(error)
+        yield json.dumps({"type": "exit", "exit_code": -1, "problem": problem}).encode()
+    finally:
+        gone.cancel()
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
+        if finally_ is not None:
+            await finally_()
 
 
 class _EventStream(StreamingResponse):

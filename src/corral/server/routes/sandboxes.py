@@ -71,10 +71,15 @@ def publish_ports(manager: SandboxManager, ports: list[PublishPort]) -> list[Por
 @router.post("/sandboxes", status_code=201, response_model=Sandbox)
 async def create_sandbox(request: Request, body: SandboxCreate, caller: CallerDep) -> Response:
     """Create and start a sandbox owned by the caller's tenant."""
+    return sandbox_response(await create_record(request, body, caller), 201)
+
+
+async def create_record(request: Request, body: SandboxCreate, caller: Caller) -> SandboxRecord:
+    """The sandbox `body` asks for, created and running, owned by the caller's tenant."""
     runtime = runtime_of(request.app)
     template = _template(request, body, caller)
     # No lock: the quota check and the insert share one store transaction.
-    record = await runtime.manager.create(
+    return await runtime.manager.create(
         template,
         runtime=body.runtime,
         memory=body.memory,
@@ -90,7 +95,6 @@ async def create_sandbox(request: Request, body: SandboxCreate, caller: CallerDe
         tenant=caller.tenant,
         ports=publish_ports(runtime.manager, body.ports),
     )
-    return sandbox_response(record, 201)
 
 
 def _label_filter(label: list[str] | None) -> dict[str, str]:
