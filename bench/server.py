@@ -38,6 +38,7 @@ from startup import limits_of, prepare_raw_bundle, traversable_dir  # noqa: E402
 from tests.server_harness import ServerProcess  # noqa: E402
 
 from corral import AsyncCorral, Corral  # noqa: E402
+from corral._sys import cgroups  # noqa: E402
 from corral._sys.procs import use_pidfd_child_watcher  # noqa: E402
 from corral.backends.oci import OciBackend  # noqa: E402
 from corral.backends.oci.runtimes import get_runtime  # noqa: E402
@@ -212,6 +213,8 @@ class Rig:
         self.server.close()
         self.manager.store.close()
         for directory in (self.server_dir, self.local_dir):
+            # The state dir's cgroup parent (the raw bundles' too), now empty.
+            leftovers += [str(p) for p in cgroups.remove(OciBackend(directory).cgroup_parent)]
             shutil.rmtree(directory, ignore_errors=True)
         return leftovers
 
@@ -250,7 +253,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         leftovers = rig.close()
     if leftovers:
-        raise RuntimeError(f"sandboxes left on the server: {leftovers}")
+        raise RuntimeError(f"left behind: {leftovers}")
     summary: dict[str, Any] = {"latency_ms": {}, "throughput_per_s": throughput}
     for key, series in latency.items():
         summary["latency_ms"][key] = {
