@@ -7,12 +7,15 @@ module the leak check asserts nothing is left: sandbox processes, cgroups under
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from corral._sys import cgroups, mounts
 from corral.backends.base import Backend, HostMount, ImageRef, SandboxConfig, SandboxLimits
 from corral.backends.oci import OciBackend
 from corral.backends.podman import PodmanBackend
+from corral.backends.podman.service import service_pids
 from corral.images import ImageStore
 from corral.spec.template import load_template
 from tests.postgres_harness import PostgresServer
@@ -116,6 +120,7 @@ def state_root() -> Iterator[Path]:
     inits_before = _sandbox_inits()
     yield root
     assert_no_leaks(root, inits_before)
+    stop_podman_services(root)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -143,6 +148,32 @@ def assert_no_leaks(root: Path, inits_before: set[int]) -> None:
         leaks.append(f"sandbox processes: {sorted(new_inits)}")
     assert not leaks, "leaked: " + "; ".join(leaks)
     cgroups.remove(cgroup_parent)  # the install's now-empty parent
+
+
+def stop_podman_services(state_dir: Path, deadline: float = 15.0) -> None:
+    """Stop the Podman API services still serving under `state_dir` and wait until they
+    are gone. One started by a process that has ended (a `corral serve`, a CLI run)
+    gets SIGTERM from the kernel when its starter dies, or idles out 30 s later; if
+    it exits after the state dir was removed, it re-creates its storage skeleton
+    there (a 0700 `corral-state-*` dir with only `podman/` left in /var/tmp)."""
+    pids = service_pids(PodmanBackend(state_dir).podman.home)
+    for sig, wait in ((signal.SIGTERM, deadline), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        end = time.monotonic() + wait
+        while (pids := [pid for pid in pids if _running(pid)]) and time.monotonic() < end:
+            time.sleep(0.05)
+    assert not pids, f"podman services under {state_dir} would not stop: {pids}"
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie has finished: only its parent can reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _podman_containers(state_dir: Path) -> list[str]:
@@ -311,6 +342,7 @@ def api_server() -> Iterator[ApiServer]:
         process.close()
         assert not leftovers, f"sandboxes left on the session server: {leftovers}"
         assert_no_leaks(root, inits_before)
+        stop_podman_services(root)
         shutil.rmtree(root, ignore_errors=True)
 
 
