@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from corral._sys import cgroups, mounts
+from corral._sys import cgroups, mounts, procs
 from corral.backends.base import Backend, HostMount, ImageRef, SandboxConfig, SandboxLimits
 from corral.backends.oci import OciBackend
 from corral.backends.podman import PodmanBackend
@@ -162,18 +162,9 @@ def stop_podman_services(state_dir: Path, deadline: float = 15.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         end = time.monotonic() + wait
-        while (pids := [pid for pid in pids if _running(pid)]) and time.monotonic() < end:
+        while (pids := [pid for pid in pids if procs.running(pid)]) and time.monotonic() < end:
             time.sleep(0.05)
     assert not pids, f"podman services under {state_dir} would not stop: {pids}"
-
-
-def _running(pid: int) -> bool:
-    """Whether `pid` still runs (a zombie has finished: only its parent can reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _podman_containers(state_dir: Path) -> list[str]:

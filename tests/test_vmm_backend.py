@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from corral._sys import procs
 from corral.backends.base import (
     BackendStatus,
     ExecRequest,
@@ -247,7 +248,7 @@ async def test_lifecycle_create_exec_files_pause_snapshot_restore_destroy(setup:
         await backend.destroy(sandbox_id)
         assert await backend.status(sandbox_id) == BackendStatus.MISSING
         for pid in [vmm_pid, *pids]:
-            assert not _alive(pid), f"process {pid} of {sandbox_id} left behind"
+            assert not procs.running(pid), f"process {pid} of {sandbox_id} left behind"
     shutil.rmtree(snap.parent, ignore_errors=True)
     # Every request the backend sent was in the VMM's published spec, answered as documented.
     assert_all_valid(read_record(setup.record))
@@ -300,14 +301,6 @@ def test_vmm_is_chosen_in_config_env_or_flag(tmp_path: Path) -> None:
     with pytest.raises(UserError) as bad:
         MicrovmBackend(tmp_path, vmm="xen")
     assert "firecracker" in (bad.value.hint or "")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in (b"Z", b"X")
 
 
 def _meta() -> dict[str, Any]:

@@ -16,6 +16,13 @@ def _stat_fields(pid: int) -> list[bytes] | None:
         return None
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not finished (a zombie has: only its
+    parent can reap it)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in (b"Z", b"X")
+
+
 def session_of(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return None if fields is None else int(fields[3])

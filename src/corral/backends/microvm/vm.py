@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from corral._sys.procs import running
 from corral.backends.microvm import hostcg
 from corral.backends.microvm.qemu import VmSpec, command_line
 from corral.errors import BackendUnavailableError, ExecError, SandboxStartError
@@ -62,10 +63,9 @@ def qemu_pid(sandbox_dir: Path) -> int | None:
     try:
         pid = int((sandbox_dir / "qemu.pid").read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
-    if state in ("Z", "X") or str(sandbox_dir).encode() not in cmdline:
+    if not running(pid) or str(sandbox_dir).encode() not in cmdline:
         return None
     return pid
 
