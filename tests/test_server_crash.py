@@ -1,4 +1,5 @@
-"""Kill -9 of the server in the middle of 50 concurrent operations loses no record and
+"""Kill -9 of the server in the middle of 50 concurrent operations (or of one-request
+runs) loses no record and
 leaks nothing: after a restart (reconcile) every sandbox is accounted for."""
 
 from __future__ import annotations
@@ -155,3 +156,37 @@ def test_restart_adopts_running_and_reaps_what_expired_meanwhile(server: ServerP
     assert api2.delete(f"/sandboxes/{keep}").status_code == 204
     api.close()
     api2.close()
+
+
+def test_kill9_during_runs_leaves_nothing_once_their_timeouts_pass(server: ServerProcess) -> None:
+    """A one-request run whose server dies mid-way: its sandbox is adopted at restart
+    and reaped when its own timeout passes (a run gives it the command's timeout plus
+    a margin; here the request sets a short one)."""
+    key = server.tenant("runs")
+    headers = {"Authorization": f"Bearer {key}"}
+    server.start()
+    body = {"argv": ["sh", "-c", "echo started; sleep 60"], "sandbox": {"timeout": 8}}
+
+    def run() -> None:
+        with contextlib.suppress(httpx.TransportError):
+            httpx.post(server.url + "/v1/run", json=body, headers=headers, timeout=60)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len([r for r in server.store.list() if r.state == "running"]) < 4:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.02)
+    server.kill9()
+    for thread in threads:
+        thread.join(10)
+    server.start()
+    backend = OciBackend(server.state_dir)
+    records = server.store.list()
+    assert [r.state for r in records] == ["running"] * 4  # adopted, still within 8 s
+    assert {r.id for r in records} == set(asyncio.run(backend.list_sandboxes()))
+    deadline = time.monotonic() + 20
+    while server.store.list() or asyncio.run(backend.list_sandboxes()):
+        assert time.monotonic() < deadline, "interrupted runs' sandboxes not reaped"
+        time.sleep(0.2)
