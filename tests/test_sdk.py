@@ -8,6 +8,7 @@ import base64
 import http.server
 import io
 import json
+import socket
 import socketserver
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -27,6 +28,7 @@ from corral.api import models
 from corral.api.problems import PROBLEMS, to_problem
 from corral.backends.base import ExecResult, ExitStatus, Output, SandboxStats
 from corral.client import Corral, Sandbox
+from corral.client._base import environment_proxy
 from corral.client._events import NdjsonDecoder
 
 URL = "http://corral.test"
@@ -513,14 +515,91 @@ def test_a_closed_client_says_so(api: FakeApi) -> None:
 
 
 def test_a_refused_connection_on_a_real_port_is_server_unavailable() -> None:
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     client = Corral(f"http://127.0.0.1:{port}", environ={})
     with client, pytest.raises(errors.ServerUnavailableError, match="cannot reach"):
         client.health()
+
+
+class _RecordingProxy(http.server.BaseHTTPRequestHandler):
+    """A forward proxy that answers every request itself (nothing goes further)."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        _RecordingProxy.seen.append(self.path)
+        body = json.dumps({"status": "ok", "version": "via the proxy"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_the_environment_s_proxy_is_used_unless_no_proxy_exempts_the_host() -> None:
+    _RecordingProxy.seen.clear()
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _RecordingProxy) as proxy:
+        thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+        thread.start()
+        try:
+            environ = {"http_proxy": f"http://127.0.0.1:{proxy.server_address[1]}"}
+            with Corral("http://corral.example:8080", environ=environ) as client:
+                assert client.health().version == "via the proxy"
+            assert _RecordingProxy.seen == ["http://corral.example:8080/v1/health"]
+            # Exempt: straight to the server (a closed loopback port here), not the proxy.
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                closed = probe.getsockname()[1]
+            exempt = environ | {"NO_PROXY": "localhost,127.0.0.1"}
+            with (
+                Corral(f"http://127.0.0.1:{closed}", environ=exempt) as client,
+                pytest.raises(errors.ServerUnavailableError, match="cannot reach"),
+            ):
+                client.health()
+            assert len(_RecordingProxy.seen) == 1
+        finally:
+            proxy.shutdown()
+            thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "host", "environ", "expected"),
+    [
+        ("http", "a.example", {}, None),
+        ("http", "a.example", {"HTTP_PROXY": "http://p:1"}, "http://p:1"),
+        ("https", "a.example", {"HTTP_PROXY": "http://p:1"}, None),
+        (
+            "https",
+            "a.example",
+            {"https_proxy": "http://s:2", "ALL_PROXY": "http://x:3"},
+            "http://s:2",
+        ),
+        ("https", "a.example", {"all_proxy": "http://x:3"}, "http://x:3"),
+        (
+            "http",
+            "api.corp.example",
+            {"HTTP_PROXY": "http://p:1", "NO_PROXY": ".corp.example"},
+            None,
+        ),
+        ("http", "corp.example", {"HTTP_PROXY": "http://p:1", "no_proxy": "corp.example"}, None),
+        (
+            "http",
+            "notcorp.example",
+            {"HTTP_PROXY": "http://p:1", "NO_PROXY": "corp.example"},
+            "http://p:1",
+        ),
+        ("http", "a.example", {"HTTP_PROXY": "http://p:1", "NO_PROXY": "*"}, None),
+    ],
+)
+def test_environment_proxy_reads_like_curl(
+    scheme: str, host: str, environ: dict[str, str], expected: str | None
+) -> None:
+    assert environment_proxy(scheme, host, environ) == expected
 
 
 # --- exec -------------------------------------------------------------------------------

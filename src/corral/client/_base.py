@@ -60,6 +60,7 @@ class Connection:
     base_url: str  # scheme://host[:port][/prefix], without the /v1
     api_key: str | None
     uds: str | None = None  # a unix socket; base_url is then http://localhost
+    proxy: str | None = None  # from HTTP(S)_PROXY / ALL_PROXY unless NO_PROXY exempts it
 
     @classmethod
     def resolve(
@@ -86,7 +87,8 @@ class Connection:
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise UserError(f"'{url}' is not an http(s) URL", hint=_URL_HINT)
         base = str(parsed.copy_with(query=None, fragment=None)).rstrip("/")
-        return cls(base.removesuffix(models.API_PREFIX), api_key)
+        proxy = environment_proxy(parsed.scheme, parsed.host, environ)
+        return cls(base.removesuffix(models.API_PREFIX), api_key, proxy=proxy)
 
     @property
     def display(self) -> str:
@@ -101,6 +103,22 @@ class Connection:
     def ws_url(self, path: str) -> str:
         scheme, rest = self.base_url.split("://", 1)
         return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{path}"
+
+
+def environment_proxy(scheme: str, host: str, environ: Mapping[str, str]) -> str | None:
+    """The proxy the environment names for `scheme`://`host`, as curl and httpx read it:
+    `<scheme>_proxy` or `all_proxy` (either case), unless `no_proxy` lists the host,
+    one of its parent domains, or `*`."""
+    found = {k.lower(): v for k, v in environ.items() if k.lower().endswith("_proxy") and v}
+    proxy = found.get(f"{scheme}_proxy") or found.get("all_proxy")
+    if proxy is None:
+        return None
+    host = host.lower()
+    for entry in found.get("no_proxy", "").split(","):
+        entry = entry.strip().lower().lstrip(".")
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return None
+    return proxy
 
 
 _URL_HINT = f"use http://HOST:PORT, https://..., or unix:/path/to.sock (argument url= or {ENV_URL})"

@@ -43,7 +43,9 @@ class AsyncCorral(BaseClient):
         environ: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(url, api_key, timeout=timeout, environ=environ)
-        self._transport = transport or httpx.AsyncHTTPTransport(uds=self._connection.uds)
+        self._transport = transport or httpx.AsyncHTTPTransport(
+            uds=self._connection.uds, proxy=self._connection.proxy
+        )
 
     async def __aenter__(self) -> AsyncCorral:
         return self

@@ -45,7 +45,9 @@ class Corral(BaseClient):
         environ: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(url, api_key, timeout=timeout, environ=environ)
-        self._transport = transport or httpx.HTTPTransport(uds=self._connection.uds)
+        self._transport = transport or httpx.HTTPTransport(
+            uds=self._connection.uds, proxy=self._connection.proxy
+        )
 
     def __enter__(self) -> Corral:
         return self
