@@ -138,9 +138,6 @@ class Call:
     read_timeout: float | Literal["client"] | None = "client"
     sandbox_id: str | None = None
 
-    def headers(self) -> dict[str, str] | None:
-        return {"Content-Type": self.content_type} if self.content_type else None
-
 
 class TransportErrors:
     """Turns httpx's transport failures into ServerUnavailableError (`with` in both twins)."""
