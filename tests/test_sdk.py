@@ -184,9 +184,12 @@ def test_a_url_that_is_not_http_is_refused(url: str) -> None:
         Corral(url, environ={})
 
 
-class _HealthOverUnix(http.server.BaseHTTPRequestHandler):
+class _HealthHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        body = json.dumps({"status": "ok", "version": self.path}).encode()
+        self.answer_health(version=self.path)
+
+    def answer_health(self, version: str) -> None:
+        body = json.dumps({"status": "ok", "version": version}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -207,7 +210,7 @@ class _UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 
 def test_unix_socket_urls_go_through_httpx_uds(tmp_path: Path) -> None:
     socket_path = tmp_path / "api.sock"
-    with _UnixHttpServer(str(socket_path), _HealthOverUnix) as server:
+    with _UnixHttpServer(str(socket_path), _HealthHandler) as server:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
@@ -523,22 +526,14 @@ def test_a_refused_connection_on_a_real_port_is_server_unavailable() -> None:
         client.health()
 
 
-class _RecordingProxy(http.server.BaseHTTPRequestHandler):
+class _RecordingProxy(_HealthHandler):
     """A forward proxy that answers every request itself (nothing goes further)."""
 
     seen: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         _RecordingProxy.seen.append(self.path)
-        body = json.dumps({"status": "ok", "version": "via the proxy"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.answer_health(version="via the proxy")
 
 
 def test_the_environment_s_proxy_is_used_unless_no_proxy_exempts_the_host() -> None:
