@@ -65,6 +65,16 @@ def traversable_dir(prefix: str) -> Path:
     return path
 
 
+def counter_script(interval: float = 0.2) -> str:
+    """A shell loop that counts in memory and publishes each value to /tmp/count by
+    rename, so a reader never sees the file half-written: a restarted process would
+    count from 1 again, a restored one goes on."""
+    return (
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new;"
+        f" mv /tmp/count.new /tmp/count; sleep {interval}; done"
+    )
+
+
 @pytest.fixture(scope="session")
 def image_store() -> Iterator[ImageStore]:
     root = traversable_dir("images")

@@ -27,11 +27,11 @@ from corral.backends.microvm.host import accelerator, tsc_khz
 from corral.backends.microvm.initramfs import write_initramfs
 from corral.backends.microvm.kernel import extract_vmlinux, modinfo, module_order
 from corral.errors import ExecError, ImageBuildError, InvalidStateError
-from tests.conftest import TEST_LABEL, require_binary, require_root
+from tests.conftest import TEST_LABEL, counter_script, require_binary, require_root
 
 pytestmark = pytest.mark.runtime
 
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
+COUNTER = counter_script()
 
 
 def sh(script: str, **kwargs: Any) -> ExecRequest:

@@ -32,6 +32,7 @@ from corral.store import SandboxRecord, Store
 from tests.conftest import (
     _sandbox_inits,
     assert_no_leaks,
+    counter_script,
     require_binary,
     require_root,
     traversable_dir,
@@ -42,7 +43,7 @@ from tests.test_pets_actor import _toml, wait_for
 
 pytestmark = pytest.mark.runtime
 
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
+COUNTER = counter_script()
 SERVICE = ["/bin/sh", "-c", "echo started >> /data/starts; exec sleep 1000"]
 
 

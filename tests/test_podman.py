@@ -38,7 +38,7 @@ from corral.backends.podman.images import IMAGE_REPOSITORY
 from corral.backends.podman.service import service_pids
 from corral.errors import SandboxStartError, UnsupportedError
 from corral.host.doctor import Check, run_checks
-from tests.conftest import Harness, require_binary, require_root, traversable_dir
+from tests.conftest import Harness, counter_script, require_binary, require_root, traversable_dir
 
 pytestmark = pytest.mark.runtime
 
@@ -334,9 +334,7 @@ async def test_streamed_stdin_reaches_cat(
 
 # -- snapshots ------------------------------------------------------------------------
 
-# Counts in memory, writing each value to /tmp/count: a restarted process would
-# count from 1 again, a restored one goes on.
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
+COUNTER = counter_script(0.05)
 
 
 async def read_count(backend: Backend, sandbox_id: str) -> int:
